@@ -1,0 +1,26 @@
+"""Typed errors of fxslim: every failure a user can cause is one of these, with a message that names the
+module, node or option at fault. Never raise a bare KeyError/ValueError from public entry points."""
+
+
+class FxslimError(Exception):
+    """Base class of every error fxslim raises on purpose."""
+
+
+class TraceError(FxslimError):
+    """The model could not be turned into a torch.fx graph (names the module path and the construct)."""
+
+
+class AnalysisError(FxslimError):
+    """Shapes, costs or channel dependencies could not be computed (names the node)."""
+
+
+class PassError(FxslimError):
+    """A pass failed or produced a broken graph (names the pass and the node)."""
+
+
+class RecipeError(FxslimError):
+    """A recipe names an unknown pass or option, or gives an option a bad value (lists the valid ones)."""
+
+
+class ExportError(FxslimError):
+    """ONNX export failed or onnxruntime disagrees with PyTorch beyond the tolerance."""

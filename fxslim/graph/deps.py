@@ -1,0 +1,361 @@
+"""The dependency analyzer: which channels of which tensors must be removed or merged together.
+
+Every dim of every tensor in the graph gets an array of integer index ids; the per-op rules in rules.py
+tie ids together (`unify`). Connected components of those ties (scipy's union-find equivalent over an
+edge list, linear in the number of indices) give **atoms**: the smallest units that can be removed, each
+spanning every tensor and parameter slice it touches. Atoms born in the same channel space (a conv's
+outputs, a residual stream) form a **group**: the set a pass ranks and shrinks together. An atom that
+reaches a model input or output, a fixed dim (batch, spatial), an op with no rule or an ignored module is
+frozen. This file only analyses; it never changes the graph."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from fxslim.errors import AnalysisError
+from fxslim.graph.rules import CHANNEL, FIXED, SLICE, rule_for
+from fxslim.graph.shape import propagate
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor dim (or parameter dim) that a group's channels run through."""
+
+    node: str
+    dim: int
+    size: int
+
+    def __repr__(self) -> str:
+        return f"{self.node}[{self.dim}]"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    node: str
+    op: str
+    target: str
+    reason: str
+
+
+@dataclass
+class ParamDims:
+    """A parameter/buffer whose dims carry channel ids; `roles[k]` says how a merge combines dim k:
+    "out" (producer rows: averaged), "in" (consumer columns: summed), "norm"/"param" (averaged)."""
+
+    key: str  # qualified name in the GraphModule, e.g. "layer1.0.conv1.weight"
+    ids: list  # one id array (or None: dim not tied to channels) per tensor dim
+    roles: list
+
+
+@dataclass(eq=False)
+class Group:
+    """Coupled channels that are ranked and removed (or merged) together.
+
+    `atoms[i]` is channel i of the group, in the order of the first channel space that created it."""
+
+    index: int
+    atoms: np.ndarray
+    frozen: np.ndarray  # bool per channel: channel i may not be removed
+    members: list[Member]
+    reason: str | None
+    dg: DependencyGraph = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.atoms)
+
+    @property
+    def prunable(self) -> bool:
+        return self.size > 1 and not bool(self.frozen.all())
+
+    def __repr__(self) -> str:
+        head = ", ".join(map(repr, self.members[:4])) + (", ..." if len(self.members) > 4 else "")
+        state = "prunable" if self.prunable else f"frozen: {self.reason}"
+        return f"Group#{self.index}(size={self.size}, {state}, members=[{head}])"
+
+
+@dataclass
+class DependencyGraph:
+    gm: fx.GraphModule
+    values: dict  # node -> ids: list of arrays (tensor), tuple of those (tuple output) or None
+    label: np.ndarray  # atom of every index id
+    atom_group: np.ndarray  # group index of every atom, -1 when the atom is not a channel
+    groups: list[Group]
+    unsupported: list[Unsupported]
+    params: list[ParamDims]
+    example_inputs: tuple = ()
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def group_of(self, node: str, dim: int = 1) -> Group | None:
+        """The group whose channels run through `node`'s output dim `dim` (None when none does)."""
+        n = next((n for n in self.gm.graph.nodes if n.name == node), None)
+        ids = self.values.get(n) if n is not None else None
+        if not isinstance(ids, list) or dim >= len(ids):
+            return None
+        g = self.atom_group[self.label[ids[dim]]]
+        g = g[g >= 0]
+        return self.groups[int(g[0])] if len(g) else None
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} groups ({len(self.prunable_groups)} prunable), "
+                 f"{len(self.unsupported)} unsupported ops"]
+        lines += [f"  {g!r}" for g in self.groups]
+        lines += [f"  unsupported: {u.node} ({u.target}): {u.reason}" for u in self.unsupported]
+        return "\n".join(lines)
+
+
+class Builder:
+    """State the rules write into while the graph is walked once in topological order."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.n = 0
+        self.kind = np.empty(4096, dtype=np.int8)
+        self.spaces: list[np.ndarray] = []  # CHANNEL spaces, in creation order
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.values: dict = {}
+        self.params: dict[str, ParamDims] = {}
+
+    # ids -------------------------------------------------------------------------------------------
+    def fresh_dim(self, size: int, kind: int) -> np.ndarray:
+        while self.n + size > len(self.kind):
+            self.kind = np.concatenate([self.kind, np.empty_like(self.kind)])
+        ids = np.arange(self.n, self.n + size, dtype=np.int64)
+        self.kind[self.n : self.n + size] = kind
+        self.n += size
+        if kind == CHANNEL:
+            self.spaces.append(ids)
+        return ids
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        self.edges.append((a.ravel(), b.ravel()))
+
+    def freeze(self, ids: np.ndarray, reason: str) -> None:
+        self.frozen.append((np.asarray(ids).ravel(), reason))
+
+    def freeze_value(self, value, reason: str) -> None:
+        for ids in _flat_ids(self.raw(value) if isinstance(value, fx.Node) else value):
+            self.freeze(ids, reason)
+
+    def may_prune(self, ids: np.ndarray) -> bool:
+        k = self.kind[ids]
+        return bool(((k == CHANNEL) | (k == SLICE)).any())
+
+    # values ----------------------------------------------------------------------------------------
+    def raw(self, arg):
+        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def ids(self, arg) -> list | None:
+        v = self.raw(arg)
+        return v if isinstance(v, list) else None
+
+    def is_tensor(self, arg) -> bool:
+        return isinstance(self.raw(arg), list)
+
+    def shape(self, node) -> tuple | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    def shapes(self, node) -> list | None:
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(meta, (tuple, list)):
+            return None
+        return [tuple(m.shape) if isinstance(m, TensorMetadata) else None for m in meta]
+
+    # parameters ------------------------------------------------------------------------------------
+    def param(self, node: fx.Node, attr: str, kinds: list, roles: list, like: list | None = None) -> list:
+        """Ids of the dims of parameter `attr` of the module called by `node` (shared modules share ids)."""
+        key = f"{node.target}.{attr}"
+        tensor = getattr(self.gm.get_submodule(node.target), attr)
+        return self._param(key, tensor, kinds, roles, like)
+
+    def _param(self, key: str, tensor, kinds: list, roles: list, like: list | None) -> list:
+        roles = list(roles) + [None] * (tensor.dim() - len(roles))
+        if key in self.params:
+            ids = self.params[key].ids
+            for k, l in enumerate(like or []):
+                if l is not None and ids[k] is not None:
+                    self.unify(ids[k], l)
+            return ids
+        ids = []
+        for k in range(tensor.dim()):
+            if like is not None and k < len(like) and like[k] is not None:
+                ids.append(like[k])
+            elif k < len(kinds) and kinds[k] is not None:
+                ids.append(self.fresh_dim(tensor.shape[k], kinds[k]))
+            else:
+                ids.append(None)
+        self.params[key] = ParamDims(key, ids, roles)
+        return ids
+
+
+def _flat_ids(value) -> Iterable[np.ndarray]:
+    if isinstance(value, list):
+        yield from (v for v in value if isinstance(v, np.ndarray))
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _flat_ids(v)
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+
+
+def _fresh_like_meta(b: Builder, node: fx.Node):
+    if (shape := b.shape(node)) is not None:
+        return [b.fresh_dim(s, FIXED) for s in shape]
+    if (shapes := b.shapes(node)) is not None:
+        return tuple(None if s is None else [b.fresh_dim(d, FIXED) for d in s] for s in shapes)
+    return None
+
+
+def _check(node: fx.Node, b: Builder, out) -> None:
+    """A rule must produce one id per element of every output dim; anything else is a rule bug."""
+    want = b.shape(node)
+    if isinstance(out, list) and want is not None:
+        if [len(a) for a in out] != list(want):
+            raise AnalysisError(f"rule for node {node.name!r} ({_target_name(node)}) produced dims "
+                                f"{[len(a) for a in out]} for output shape {list(want)}")
+
+
+def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            b.values[node] = _fresh_like_meta(b, node)
+            b.freeze_value(node, f"model input {node.name!r}")
+        elif node.op == "output":
+            for a in node.all_input_nodes:
+                b.freeze_value(a, f"reaches the model output through {a.name!r}")
+        elif node.op == "get_attr":
+            try:
+                tensor = gm.get_parameter(node.target)
+            except AttributeError:
+                try:
+                    tensor = gm.get_buffer(node.target)
+                except AttributeError:
+                    tensor = None
+            ids = None
+            if tensor is not None and b.shape(node) is not None:
+                ids = b._param(node.target, tensor, [SLICE] * tensor.dim(), ["param"] * tensor.dim(), None)
+            b.values[node] = ids
+        else:
+            rule, mod = rule_for(node, gm)
+            out = rule.couple(b, node, mod) if rule is not None else None
+            if out is False:  # reads sizes only
+                b.values[node] = None
+                continue
+            if out is None:
+                reason = "no channel rule" if rule is None else "rule cannot handle these arguments"
+                what = type(mod).__name__ if mod is not None else _target_name(node)
+                unsupported.append(Unsupported(node.name, node.op, what, reason))
+                for a in node.all_input_nodes:
+                    b.freeze_value(a, f"used by {node.name!r} ({what}), which has {reason}")
+                out = _fresh_like_meta(b, node)
+            _check(node, b, out)
+            b.values[node] = out
+
+
+def _freeze_ignored(gm: fx.GraphModule, b: Builder, ignore: Iterable[str]) -> None:
+    names = dict(gm.named_modules())
+    for name in ignore:
+        if name not in names:
+            raise AnalysisError(f"ignore: no module named {name!r} in the model")
+        for key, p in b.params.items():
+            if key.startswith(name + "."):
+                for ids in p.ids:
+                    if ids is not None:
+                        b.freeze(ids, f"module {name!r} is in ignore")
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and (node.target == name or node.target.startswith(name + ".")):
+                b.freeze_value(node, f"module {name!r} is in ignore")
+
+
+def _components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray]:
+    pairs = [np.broadcast_arrays(x, y) for x, y in edges]
+    a = np.concatenate([x.ravel() for x, _ in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+    c = np.concatenate([y.ravel() for _, y in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+    m = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, c)), shape=(n, n))
+    return connected_components(m, directed=False)
+
+
+def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[str] = ()) -> DependencyGraph:
+    """Annotate shapes and compute the channel groups of a model (traced first unless a GraphModule)."""
+    from fxslim.trace import trace
+
+    gm = model_or_gm if isinstance(model_or_gm, fx.GraphModule) else trace(model_or_gm)
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    propagate(gm, example_inputs)
+    b = Builder(gm)
+    unsupported: list[Unsupported] = []
+    _walk(gm, b, unsupported)
+    _freeze_ignored(gm, b, ignore)
+
+    n_atoms, label = _components(b.n, b.edges)
+    kind = b.kind[: b.n]
+    reasons = ["coupled to a batch, spatial or other fixed dim"]
+    atom_reason = np.full(n_atoms, -1, dtype=np.int64)
+    atom_reason[label[kind == FIXED]] = 0
+    for ids, why in b.frozen:
+        reasons.append(why)
+        atom_reason[label[ids]] = len(reasons) - 1
+    is_channel = np.zeros(n_atoms, dtype=bool)
+    is_channel[label[kind == CHANNEL]] = True
+
+    # Atoms born in one channel space are one group (residual adds make two spaces share atoms).
+    edges = [(label[s[:1]], label[s]) for s in b.spaces]
+    _, glabel = _components(n_atoms, edges)
+    src = label[np.concatenate(b.spaces)] if b.spaces else np.zeros(0, dtype=np.int64)
+    _, first = np.unique(src, return_index=True)
+    ordered = src[np.sort(first)]  # channel atoms in order of first appearance
+    ordered = ordered[is_channel[ordered]]
+    gid_of_label: dict[int, int] = {}
+    atom_group = np.full(n_atoms, -1, dtype=np.int64)
+    per_group: list[list[int]] = []
+    for gl in glabel[ordered]:
+        if int(gl) not in gid_of_label:
+            gid_of_label[int(gl)] = len(per_group)
+            per_group.append([])
+    gidx = np.array([gid_of_label[int(g)] for g in glabel[ordered]], dtype=np.int64)
+    atom_group[ordered] = gidx
+    order = np.argsort(gidx, kind="stable")
+    bounds = np.searchsorted(gidx[order], np.arange(len(per_group) + 1))
+
+    members: list[list[Member]] = [[] for _ in per_group]
+    for node, value in b.values.items():
+        for k, ids in _dims_of(value):
+            for g in np.unique(atom_group[label[ids]]):
+                if g >= 0:
+                    members[g].append(Member(node.name, k, len(ids)))
+
+    dg = DependencyGraph(gm, b.values, label, atom_group, [], unsupported, list(b.params.values()), example_inputs)
+    for g in range(len(per_group)):
+        atoms = ordered[order[bounds[g] : bounds[g + 1]]]
+        frozen = atom_reason[atoms] >= 0
+        reason = None
+        if frozen.all():
+            reason = reasons[int(atom_reason[atoms[0]])]
+        elif len(atoms) == 1:
+            reason = "a single channel"
+        dg.groups.append(Group(g, atoms, frozen, members[g], reason, dg))
+    return dg
+
+
+def _dims_of(value) -> Iterable[tuple[int, np.ndarray]]:
+    if isinstance(value, list):
+        yield from ((k, ids) for k, ids in enumerate(value) if isinstance(ids, np.ndarray))
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _dims_of(v)

@@ -1,0 +1,729 @@
+"""The per-op channel rules: ONE table mapping an op (module type, function or method name) to a `Rule`.
+
+A rule's `couple(b, node, mod)` states how the op maps the channel indices of its inputs to those of its
+output, through the builder `b` (see deps.py): `b.unify` ties indices that must be removed together,
+`b.fresh` makes new indices (CHANNEL: a new prunable channel space such as a conv's output; FIXED: never
+prunable, e.g. spatial positions), `b.param` ties a parameter's dims to channel indices (the rewriter
+slices or merges those dims). It returns the id arrays of the output (one per dim; a tuple of them for
+tuple outputs) or None when the op cannot be handled, which freezes everything it touches. A rule's
+optional `update(node, mod, b)` fixes module attributes / node arguments after channels changed.
+Adding an op is adding a row. This file must never guess: an op without a row is frozen, not assumed
+elementwise."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+FIXED, CHANNEL, SLICE = 0, 1, 2  # kinds of index: never prunable / a prunable channel / a parameter dim
+
+Ids = list  # one int64 numpy array of index ids per tensor dim
+
+
+@dataclass(frozen=True)
+class Rule:
+    couple: Callable
+    update: Callable | None = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _tensor_inputs(b, node: fx.Node) -> list[Ids]:
+    return [b.ids(a) for a in node.all_input_nodes if b.is_tensor(a)]
+
+
+# ---------------------------------------------------------------------------------------------- couplings
+
+
+def elementwise(b, node, mod=None):
+    """Same-shape (broadcast) ops: index i of every full-size input dim is the same channel."""
+    out_shape = b.shape(node)
+    if out_shape is None:
+        return None
+    ins = [ids for ids in _tensor_inputs(b, node) if ids is not None]
+    if not ins:
+        return None
+    out = []
+    rank = len(out_shape)
+    for d in range(rank):
+        aligned = [x[len(x) - rank + d] for x in ins if len(x) - rank + d >= 0]
+        full = [ids for ids in aligned if len(ids) == out_shape[d]]
+        if not full:
+            out.append(b.fresh_dim(out_shape[d], FIXED))
+            continue
+        for other in full[1:]:
+            b.unify(full[0], other)
+        out.append(full[0])
+    return out
+
+
+def passthrough(b, node, mod=None):
+    """Ops that return their first input's layout unchanged (activations, dropout, contiguous, ...)."""
+    x = b.ids(node.args[0]) if node.args else None
+    if x is None or b.shape(node) is None or [len(a) for a in x] != list(b.shape(node)):
+        return None
+    return list(x)
+
+
+def no_tensor(b, node, mod=None):
+    """Ops that only read sizes (x.size(), x.dim(), x.shape): a pruned tensor reports its new size."""
+    return False if b.shape(node) is None and b.shapes(node) is None else None
+
+
+def reduce_dims(b, node, mod=None):
+    x = b.ids(node.args[0])
+    dims = _arg(node, 1, "dim")
+    keep = _arg(node, 2, "keepdim", False)
+    rank = len(x)
+    if dims is None:
+        return []
+    dims = {_norm_dim(d, rank) for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+    out = []
+    for d in range(rank):
+        if d not in dims:
+            out.append(x[d])
+        elif keep:
+            out.append(b.fresh_dim(1, FIXED))
+    return out
+
+
+def spatial(nd: int):
+    """Pooling/resizing over the last `nd` dims: leading (batch, channel) dims pass, spatial dims are new."""
+
+    def rule(b, node, mod=None):
+        x = b.ids(node.args[0])
+        shape = b.shape(node)
+        if x is None or shape is None or len(shape) != len(x) or len(x) <= nd:
+            return None
+        return list(x[:-nd]) + [b.fresh_dim(s, FIXED) for s in shape[-nd:]]
+
+    return rule
+
+
+def concat(b, node, mod=None):
+    xs = [b.ids(a) for a in node.args[0]]
+    if any(x is None for x in xs):
+        return None
+    rank = len(xs[0])
+    d = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    out = []
+    for k in range(rank):
+        if k == d:
+            out.append(np.concatenate([x[k] for x in xs]))
+        else:
+            for x in xs[1:]:
+                b.unify(xs[0][k], x[k])
+            out.append(xs[0][k])
+    return out
+
+
+def stack(b, node, mod=None):
+    xs = [b.ids(a) for a in node.args[0]]
+    if any(x is None for x in xs):
+        return None
+    for x in xs[1:]:
+        for k in range(len(x)):
+            b.unify(xs[0][k], x[k])
+    d = _norm_dim(_arg(node, 1, "dim", 0), len(xs[0]) + 1)
+    out = list(xs[0])
+    out.insert(d, b.fresh_dim(len(xs), FIXED))
+    return out
+
+
+def split(b, node, mod=None):
+    """split/chunk/tensor_split: output k holds a contiguous slice of the input's indices along `dim`."""
+    x = b.ids(node.args[0])
+    shapes = b.shapes(node)
+    if x is None or shapes is None:
+        return None
+    d = _norm_dim(_arg(node, 2, "dim", 0), len(x))
+    outs, start = [], 0
+    for s in shapes:
+        n = s[d]
+        outs.append([x[k] if k != d else x[d][start : start + n] for k in range(len(x))])
+        start += n
+    return tuple(outs)
+
+
+def split_update(node, mod, b):
+    """Rewrite chunk/split with the new per-output sizes (removed channels may be uneven)."""
+    d = _norm_dim(_arg(node, 2, "dim", 0), len(b.new_shapes(node.args[0])))
+    sizes = [s[d] for s in b.new_shapes(node)]
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], sizes), {"dim": d}
+
+
+def permute(b, node, mod=None):
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    rank = len(x)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("transpose", "swapaxes"):
+        d0, d1 = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+        order = list(range(rank))
+        order[d0], order[d1] = order[d1], order[d0]
+    else:
+        dims = node.args[1:] if len(node.args) > 2 or isinstance(_arg(node, 1, "dims"), int) else _arg(node, 1, "dims")
+        order = [_norm_dim(d, rank) for d in dims]
+    return [x[i] for i in order]
+
+
+def _reshape_blocks(src: tuple, dst: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input dims with runs of output dims that hold the same elements (equal products)."""
+    blocks, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            return None
+        ii, jj, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                if i >= len(src):
+                    return None
+                ii.append(i)
+                pi *= src[i]
+                i += 1
+            else:
+                if j >= len(dst):
+                    return None
+                jj.append(j)
+                pj *= dst[j]
+                j += 1
+        blocks.append((ii, jj))
+    return blocks
+
+
+def reshape(b, node, mod=None):
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the input and output shapes.
+
+    Merging dims (flatten C×H×W → F): index f belongs to the channel of its one prunable factor (the
+    carrier); the other factors are frozen. Splitting a dim (E → heads×dim, C → groups×C/g): the largest
+    output dim carries the channels, indices that differ only in the other factors become one channel, and
+    the other output dims are new and frozen."""
+    x = b.ids(node.args[0])
+    src, dst = b.shape(node.args[0]), b.shape(node)
+    if x is None or src is None or dst is None:
+        return None
+    blocks = _reshape_blocks(tuple(src), tuple(dst))
+    if blocks is None:
+        return None
+    out: list = [None] * len(dst)
+    for ii, jj in blocks:
+        if not jj:
+            b.freeze(x[ii[0]], f"{node.name}: reshape drops this dim")
+        elif not ii:
+            out[jj[0]] = b.fresh_dim(1, FIXED)
+        elif len(ii) == 1 and len(jj) == 1:
+            out[jj[0]] = x[ii[0]]
+        elif len(jj) == 1:
+            out[jj[0]] = _merge(b, node, [x[i] for i in ii])
+        elif len(ii) == 1:
+            for j, ids in zip(jj, _split(b, x[ii[0]], [dst[j] for j in jj]), strict=True):
+                out[j] = ids
+        else:
+            for i in ii:
+                b.freeze(x[i], f"{node.name}: reshape regroups dims {ii} -> {jj}")
+            for j in jj:
+                out[j] = b.fresh_dim(dst[j], FIXED)
+    return out
+
+
+def _merge(b, node, factors: list[np.ndarray]) -> np.ndarray:
+    sizes = [len(f) for f in factors]
+    live = [k for k, f in enumerate(factors) if len(f) > 1]
+    if len(live) <= 1:
+        carrier = live[0] if live else 0
+    else:
+        prunable = [k for k in live if b.may_prune(factors[k])]
+        if not prunable:
+            return b.fresh_dim(int(np.prod(sizes)), FIXED)
+        carrier = max(prunable, key=lambda k: (sizes[k], -k))
+        for k in live:
+            if k != carrier:
+                b.freeze(factors[k], f"{node.name}: flattened together with a pruned dim")
+    shape = [1] * len(sizes)
+    shape[carrier] = sizes[carrier]
+    return np.broadcast_to(factors[carrier].reshape(shape), sizes).reshape(-1)
+
+
+def _split(b, ids: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    live = [k for k, s in enumerate(sizes) if s > 1]
+    if len(live) <= 1:
+        return [ids if (k in live or (not live and k == 0)) else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
+    carrier = max(live, key=lambda k: (sizes[k], k))
+    grid = np.moveaxis(ids.reshape(sizes), carrier, -1).reshape(-1, sizes[carrier])
+    b.unify(grid, np.broadcast_to(grid[:1], grid.shape))
+    return [grid[0] if k == carrier else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
+
+
+def reshape_update(node, mod, b):
+    """Replace literal sizes in view/reshape arguments by the new sizes (-1 and computed sizes stay)."""
+    new = b.new_shapes(node)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name not in ("view", "reshape"):
+        return
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        shape, wrap = list(node.args[1]), True
+    else:
+        shape, wrap = list(node.args[1:]), False
+    shape = [n if isinstance(s, int) and s != -1 else s for s, n in zip(shape, new, strict=False)]
+    node.args = (node.args[0], tuple(shape)) if wrap else (node.args[0], *shape)
+
+
+def expand(b, node, mod=None):
+    x = b.ids(node.args[0])
+    shape = b.shape(node)
+    if x is None or shape is None:
+        return None
+    lead = len(shape) - len(x)
+    out = [b.fresh_dim(s, FIXED) for s in shape[:lead]]
+    for d, ids in enumerate(x):
+        out.append(ids if len(ids) == shape[lead + d] else b.fresh_dim(shape[lead + d], FIXED))
+    return out
+
+
+def expand_update(node, mod, b):
+    new = b.new_shapes(node)
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(node.args[1], new, strict=False)]
+        node.args = (node.args[0], tuple(sizes))
+    else:
+        sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(node.args[1:], new, strict=False)]
+        node.args = (node.args[0], *sizes)
+
+
+def getitem(b, node, mod=None):
+    base = node.args[0]
+    if isinstance(b.raw(base), tuple):  # element of a tuple output (split, attention, ...)
+        item = b.raw(base)[node.args[1]] if isinstance(node.args[1], int) else None
+        return item if item is not None else None
+    x = b.ids(base)
+    if x is None:
+        return no_tensor(b, node)
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded += [slice(None)] * (len(x) - n_real)
+        else:
+            expanded.append(i)
+    expanded += [slice(None)] * (len(x) - sum(1 for i in expanded if i is not None))
+    out, d = [], 0
+    for i in expanded:
+        if i is None:
+            out.append(b.fresh_dim(1, FIXED))
+            continue
+        if isinstance(i, int):
+            b.freeze(x[d], f"{node.name}: integer index into this dim")
+        elif i.step not in (None, 1):
+            b.freeze(x[d], f"{node.name}: strided slice")
+            out.append(b.fresh_dim(len(x[d][i]), FIXED))
+        else:
+            out.append(x[d][i])
+        d += 1
+    return out
+
+
+def getitem_update(node, mod, b):
+    """Move slice bounds to the new positions: a bound counts the kept indices before it."""
+    if isinstance(b.raw(node.args[0]), tuple) or not isinstance(b.raw(node.args[0]), list):
+        return
+    x = b.ids(node.args[0])
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if Ellipsis in idx:
+        return  # slices after an ellipsis are rare; the shape check after rewriting catches a mismatch
+    new, d = [], 0
+    for i in idx:
+        if isinstance(i, slice) and (i.start is not None or i.stop is not None):
+            kept = b.kept_positions(x[d])
+            n = len(x[d])
+            start = None if i.start is None else int(np.count_nonzero(kept[: slice(i.start, None).indices(n)[0]]))
+            stop = None if i.stop is None else int(np.count_nonzero(kept[: slice(None, i.stop).indices(n)[1]]))
+            new.append(slice(start, stop, i.step))
+        else:
+            new.append(i)
+        if i is not None:
+            d += 1
+    node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0])
+
+
+def matmul(b, node, mod=None):
+    a, c = b.ids(node.args[0]), b.ids(node.args[1])
+    shape = b.shape(node)
+    if a is None or c is None or len(a) < 2 or len(c) < 2 or shape is None:
+        return None
+    b.unify(a[-1], c[-2])
+    batch = _broadcast(b, a[:-2], c[:-2], shape[:-2])
+    return batch + [a[-2], c[-1]]
+
+
+def _broadcast(b, xa: Ids, xc: Ids, shape) -> Ids:
+    out = []
+    for d in range(len(shape)):
+        cands = [x[len(x) - len(shape) + d] for x in (xa, xc) if len(x) - len(shape) + d >= 0]
+        cands = [c for c in cands if len(c) == shape[d]]
+        for c in cands[1:]:
+            b.unify(cands[0], c)
+        out.append(cands[0] if cands else b.fresh_dim(shape[d], FIXED))
+    return out
+
+
+def sdpa(b, node, mod=None):
+    q, k, v = (b.ids(a) for a in node.args[:3])
+    shape = b.shape(node)
+    if q is None or k is None or v is None or shape is None:
+        return None
+    for extra in node.all_input_nodes[3:]:
+        b.freeze_value(extra, f"{node.name}: attention mask")
+    b.unify(q[-1], k[-1])
+    b.unify(k[-2], v[-2])
+    batch = _broadcast(b, q[:-2], k[:-2], shape[:-2])
+    _broadcast(b, batch, v[:-2], shape[:-2])
+    return batch + [q[-2], v[-1]]
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def conv(b, node, mod):
+    x = b.ids(node.args[0])
+    shape = b.shape(node)
+    nd = mod.weight.dim() - 2
+    if x is None or shape is None or len(x) != nd + 2:
+        return None
+    g = mod.groups
+    w = b.param(node, "weight", [CHANNEL, SLICE if g == 1 else None] + [None] * nd, ["out", "in"])
+    if mod.bias is not None:
+        b.param(node, "bias", [CHANNEL], ["out"], like=[w[0]])
+    cout = w[0]
+    if g == 1:
+        b.unify(x[1], w[1])
+    else:  # grouped / depthwise: a whole group (its inputs and outputs) is one channel
+        ins, outs = x[1].reshape(g, -1), cout.reshape(g, -1)
+        b.unify(outs, np.broadcast_to(outs[:, :1], outs.shape))
+        b.unify(ins, np.broadcast_to(outs[:, :1], ins.shape))
+    return [x[0], cout] + [b.fresh_dim(s, FIXED) for s in shape[2:]]
+
+
+def conv_update(node, mod, b):
+    out_c = mod.weight.shape[0]
+    if mod.groups > 1:
+        mod.groups = mod.groups * out_c // mod.out_channels
+    mod.out_channels = out_c
+    mod.in_channels = mod.weight.shape[1] * mod.groups
+
+
+def conv_transpose(b, node, mod):
+    x = b.ids(node.args[0])
+    shape = b.shape(node)
+    nd = mod.weight.dim() - 2
+    if x is None or shape is None or len(x) != nd + 2 or mod.groups != 1:
+        return None
+    w = b.param(node, "weight", [SLICE, CHANNEL] + [None] * nd, ["in", "out"])
+    if mod.bias is not None:
+        b.param(node, "bias", [CHANNEL], ["out"], like=[w[1]])
+    b.unify(x[1], w[0])
+    return [x[0], w[1]] + [b.fresh_dim(s, FIXED) for s in shape[2:]]
+
+
+def conv_transpose_update(node, mod, b):
+    mod.in_channels, mod.out_channels = mod.weight.shape[0], mod.weight.shape[1]
+
+
+def linear(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    w = b.param(node, "weight", [CHANNEL, SLICE], ["out", "in"])
+    if mod.bias is not None:
+        b.param(node, "bias", [CHANNEL], ["out"], like=[w[0]])
+    b.unify(x[-1], w[1])
+    return list(x[:-1]) + [w[0]]
+
+
+def linear_update(node, mod, b):
+    mod.out_features, mod.in_features = mod.weight.shape
+
+
+def batchnorm(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None or len(x) < 2:
+        return None
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(mod, name, None) is not None:
+            b.param(node, name, [SLICE], ["norm"], like=[x[1]])
+    return list(x)
+
+
+def batchnorm_update(node, mod, b):
+    mod.num_features = b.new_shapes(node)[1]
+
+
+def groupnorm(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None or len(x) < 2:
+        return None
+    per = x[1].reshape(mod.num_groups, -1)  # statistics are per group: a group is one channel
+    b.unify(per, np.broadcast_to(per[:, :1], per.shape))
+    for name in ("weight", "bias"):
+        if getattr(mod, name, None) is not None:
+            b.param(node, name, [SLICE], ["norm"], like=[x[1]])
+    return list(x)
+
+
+def groupnorm_update(node, mod, b):
+    c = b.new_shapes(node)[1]
+    mod.num_groups = mod.num_groups * c // mod.num_channels
+    mod.num_channels = c
+
+
+def layernorm(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    k = len(mod.normalized_shape)
+    for name in ("weight", "bias"):
+        if getattr(mod, name, None) is not None:
+            b.param(node, name, [SLICE] * k, ["norm"] * k, like=list(x[-k:]))
+    return list(x)
+
+
+def layernorm_update(node, mod, b):
+    k = len(mod.normalized_shape)
+    mod.normalized_shape = tuple(b.new_shapes(node)[-k:])
+
+
+def layernorm_fn(b, node, mod=None):
+    """F.layer_norm(x, normalized_shape, weight, bias, eps) with weights from get_attr nodes."""
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    k = len(_arg(node, 1, "normalized_shape"))
+    for i, name in ((2, "weight"), (3, "bias")):
+        p = _arg(node, i, name)
+        if isinstance(p, fx.Node):
+            ids = b.ids(p)
+            if ids is None or len(ids) != k:
+                return None
+            for d in range(k):
+                b.unify(x[len(x) - k + d], ids[d])
+    return list(x)
+
+
+def layernorm_fn_update(node, mod, b):
+    k = len(_arg(node, 1, "normalized_shape"))
+    shape = tuple(b.new_shapes(node)[-k:])
+    if len(node.args) > 1:
+        node.args = (node.args[0], shape, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": shape}
+
+
+def prelu(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    if mod.num_parameters > 1:
+        b.param(node, "weight", [SLICE], ["norm"], like=[x[1]])
+    return list(x)
+
+
+def prelu_update(node, mod, b):
+    mod.num_parameters = mod.weight.shape[0]
+
+
+def embedding(b, node, mod):
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    w = b.param(node, "weight", [None, CHANNEL], [None, "out"])
+    return list(x) + [w[1]]
+
+
+def embedding_update(node, mod, b):
+    mod.embedding_dim = mod.weight.shape[1]
+
+
+def multihead_attention(b, node, mod):
+    """nn.MultiheadAttention ties its embedding dim to its internal head layout: the embedding dim is
+    frozen (whole-head pruning needs the module replaced, not sliced); batch/sequence dims pass."""
+    q = b.ids(_arg(node, 0, "query"))
+    if q is None:
+        return None
+    for a in node.all_input_nodes:
+        ids = b.ids(a)
+        if ids is not None:
+            b.freeze(ids[-1], f"{node.name}: nn.MultiheadAttention embedding dim (heads are not sliceable)")
+    shapes = b.shapes(node)
+    out = list(q[:-1]) + [b.fresh_dim(q[-1].shape[0], FIXED)]
+    weights = None if shapes is None or shapes[1] is None else [b.fresh_dim(s, FIXED) for s in shapes[1]]
+    return (out, weights)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Hardtanh, nn.Tanhshrink,
+)
+_POOLS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: None, nn.UpsamplingNearest2d: 2,
+    nn.UpsamplingBilinear2d: 2,
+}
+
+MODULE_RULES: dict[type, Rule] = {
+    nn.Conv1d: Rule(conv, conv_update),
+    nn.Conv2d: Rule(conv, conv_update),
+    nn.Conv3d: Rule(conv, conv_update),
+    nn.ConvTranspose1d: Rule(conv_transpose, conv_transpose_update),
+    nn.ConvTranspose2d: Rule(conv_transpose, conv_transpose_update),
+    nn.Linear: Rule(linear, linear_update),
+    nn.BatchNorm1d: Rule(batchnorm, batchnorm_update),
+    nn.BatchNorm2d: Rule(batchnorm, batchnorm_update),
+    nn.BatchNorm3d: Rule(batchnorm, batchnorm_update),
+    nn.InstanceNorm1d: Rule(batchnorm, batchnorm_update),
+    nn.InstanceNorm2d: Rule(batchnorm, batchnorm_update),
+    nn.GroupNorm: Rule(groupnorm, groupnorm_update),
+    nn.LayerNorm: Rule(layernorm, layernorm_update),
+    nn.PReLU: Rule(prelu, prelu_update),
+    nn.Embedding: Rule(embedding, embedding_update),
+    nn.Flatten: Rule(reshape),
+    nn.Unflatten: Rule(reshape),
+    nn.MultiheadAttention: Rule(multihead_attention),
+    **{t: Rule(passthrough) for t in _ACTIVATIONS},
+    **{t: Rule(spatial(n) if n else spatial(2)) for t, n in _POOLS.items()},
+}
+
+_ELEMENTWISE_FNS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, operator.isub,
+    operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.neg,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.clamp,
+    torch.where, F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.mish, F.dropout, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.hardtanh,
+)
+_POOL_FNS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.interpolate: 2, torch.max_pool2d: 2, torch.avg_pool1d: 1,
+}
+
+FUNCTION_RULES: dict[object, Rule] = {
+    **{f: Rule(elementwise) for f in _ELEMENTWISE_FNS},
+    **{f: Rule(spatial(n)) for f, n in _POOL_FNS.items()},
+    torch.cat: Rule(concat),
+    torch.concat: Rule(concat),
+    torch.stack: Rule(stack),
+    torch.flatten: Rule(reshape),
+    torch.reshape: Rule(reshape, reshape_update),
+    torch.squeeze: Rule(reshape),
+    torch.unsqueeze: Rule(reshape),
+    torch.transpose: Rule(permute),
+    torch.permute: Rule(permute),
+    torch.split: Rule(split, split_update),
+    torch.chunk: Rule(split, split_update),
+    operator.getitem: Rule(getitem, getitem_update),
+    torch.mean: Rule(reduce_dims),
+    torch.sum: Rule(reduce_dims),
+    torch.amax: Rule(reduce_dims),
+    torch.amin: Rule(reduce_dims),
+    torch.matmul: Rule(matmul),
+    operator.matmul: Rule(matmul),
+    torch.bmm: Rule(matmul),
+    F.scaled_dot_product_attention: Rule(sdpa),
+    F.layer_norm: Rule(layernorm_fn, layernorm_fn_update),
+    getattr: Rule(no_tensor),
+    operator.floordiv: Rule(no_tensor),
+}
+
+METHOD_RULES: dict[str, Rule] = {
+    **{m: Rule(elementwise) for m in ("add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "clamp",
+                                       "maximum", "minimum", "where")},
+    **{m: Rule(passthrough) for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
+                                       "float", "to", "type_as", "detach", "softmax", "log_softmax", "exp",
+                                       "abs", "neg", "sqrt", "gelu", "hardtanh", "clamp_", "masked_fill")},
+    **{m: Rule(reduce_dims) for m in ("mean", "sum", "amax", "amin")},
+    "view": Rule(reshape, reshape_update),
+    "reshape": Rule(reshape, reshape_update),
+    "flatten": Rule(reshape),
+    "unflatten": Rule(reshape),
+    "squeeze": Rule(reshape),
+    "unsqueeze": Rule(reshape),
+    "permute": Rule(permute),
+    "transpose": Rule(permute),
+    "chunk": Rule(split, split_update),
+    "split": Rule(split, split_update),
+    "expand": Rule(expand, expand_update),
+    "size": Rule(no_tensor),
+    "dim": Rule(no_tensor),
+    "matmul": Rule(matmul),
+    "bmm": Rule(matmul),
+}
+
+
+def register_function_rule(fn: object, rule: Rule) -> None:
+    """Give a function that torch.fx keeps as a call (e.g. one passed to `torch.fx.wrap`) its rule."""
+    FUNCTION_RULES[fn] = rule
+
+
+def register_module_rule(module_type: type, rule: Rule) -> None:
+    """Give a leaf module type its channel rule."""
+    MODULE_RULES[module_type] = rule
+
+
+def _register_torchvision() -> None:
+    """torchvision wraps some ops with torch.fx.wrap; they appear as calls and need rows here."""
+    try:
+        from torchvision.ops.stochastic_depth import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency, but the table must not need it
+        return
+    FUNCTION_RULES[stochastic_depth] = Rule(passthrough)
+
+
+_register_torchvision()
+
+
+def rule_for(node: fx.Node, gm: fx.GraphModule) -> tuple[Rule | None, nn.Module | None]:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        for t in type(mod).__mro__:
+            # A subclass inherits its parent's rule only when it keeps the parent's forward.
+            if t in MODULE_RULES and type(mod).forward is t.forward:
+                return MODULE_RULES[t], mod
+        return None, mod
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target), None
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target), None
+    return None, None

@@ -1,0 +1,315 @@
+"""Rewrite primitives shared by every pass: remove channels, merge channels, replace a module, drop a block.
+
+Each primitive returns a NEW GraphModule (the input is deep-copied, never edited), which passes
+`graph.lint()`, runs, and has the shapes the plan promises (checked by shape propagation; a mismatch is a
+`PassError` naming the node). Channel changes are expressed as a `ChannelPlan` over the atoms of a
+`DependencyGraph`: every parameter dim tied to channels is re-indexed once (producer rows and norm
+statistics averaged over a merged cluster, consumer columns summed so identical channels fuse exactly),
+then the rules' `update` hooks fix module attributes and node arguments. Nothing here decides *what* to
+remove: passes do."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxslim.errors import PassError
+from fxslim.graph.deps import DependencyGraph, Group
+from fxslim.graph.rules import rule_for
+from fxslim.graph.shape import propagate
+
+
+class ChannelPlan:
+    """Which atoms survive, and which surviving atom each merged atom folds into.
+
+    `target[a] == a`: atom a is kept (it represents its cluster); `-1`: removed; another atom b: merged
+    into b. `weight[a]` weighs atom a in the averaged (producer) dims of a merge."""
+
+    def __init__(self, dg: DependencyGraph):
+        self.dg = dg
+        n = int(dg.label.max()) + 1 if len(dg.label) else 0
+        self.target = np.arange(n, dtype=np.int64)
+        self.weight = np.ones(n, dtype=np.float64)
+
+    def remove(self, group: Group, keep: Sequence[int] | np.ndarray) -> ChannelPlan:
+        """Keep the channels `keep` (indices or a bool mask over the group's channels); remove the rest."""
+        mask = _mask(group, keep)
+        if (~mask & group.frozen).any():
+            raise PassError(f"cannot remove frozen channels of {group!r}")
+        if not mask.any():
+            raise PassError(f"removing every channel of {group!r}; keep at least one")
+        self.target[group.atoms[~mask]] = -1
+        return self
+
+    def merge(self, group: Group, clusters: Sequence[Sequence[int]], weights: np.ndarray | None = None) -> ChannelPlan:
+        """Fuse each cluster (channel indices of the group) into its first channel; `weights` (one per channel
+        of the group) weigh the averaged dims. Channels in no cluster are kept as they are."""
+        for cluster in clusters:
+            idx = np.asarray(cluster, dtype=np.int64)
+            if len(idx) < 2:
+                continue
+            if group.frozen[idx].any():
+                raise PassError(f"cannot merge frozen channels {idx.tolist()} of {group!r}")
+            self.target[group.atoms[idx]] = group.atoms[idx[0]]
+        if weights is not None:
+            self.weight[group.atoms] = np.asarray(weights, dtype=np.float64)
+        return self
+
+    # index maps ------------------------------------------------------------------------------------
+    def dest(self, ids: np.ndarray) -> tuple[np.ndarray, int, bool] | None:
+        """For one dim with index ids: new position of each old position (-1: gone), the new size, and
+        whether the map is a plain selection. None when the dim is unchanged."""
+        a = self.dg.label[ids]
+        t = self.target[a]
+        rep = t == a
+        if rep.all():
+            return None
+        new_size = int(rep.sum())
+        dest = np.full(len(ids), -1, dtype=np.int64)
+        dest[rep] = np.arange(new_size)
+        merged = (t >= 0) & ~rep
+        if not merged.any():
+            return dest, new_size, True
+        # Pair the k-th occurrence of a merged atom with the k-th occurrence of its representative
+        # (an atom occurs several times in a flattened dim: once per spatial position).
+        order = np.argsort(a, kind="stable")
+        sa = a[order]
+        starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
+        rank_sorted = np.arange(len(a)) - np.repeat(starts, np.diff(np.r_[starts, len(a)]))
+        rank = np.empty_like(rank_sorted)
+        rank[order] = rank_sorted
+        span = len(a) + 1
+        rep_keys = a[rep] * span + rank[rep]
+        key_order = np.argsort(rep_keys)
+        want = t[merged] * span + rank[merged]
+        pos = np.searchsorted(rep_keys[key_order], want)
+        pos = np.minimum(pos, len(rep_keys) - 1)
+        if not (rep_keys[key_order][pos] == want).all():
+            raise PassError("merge pairs channels that occur a different number of times in one tensor dim")
+        dest[merged] = dest[rep][key_order][pos]
+        return dest, new_size, False
+
+    def new_size(self, ids: np.ndarray) -> int:
+        d = self.dest(ids)
+        return len(ids) if d is None else d[1]
+
+    def kept_positions(self, ids: np.ndarray) -> np.ndarray:
+        a = self.dg.label[ids]
+        return self.target[a] == a
+
+
+def _mask(group: Group, keep) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.dtype == bool:
+        if keep.shape != (group.size,):
+            raise PassError(f"keep mask has shape {keep.shape}, {group!r} has {group.size} channels")
+        return keep
+    mask = np.zeros(group.size, dtype=bool)
+    if keep.size and (keep.min() < 0 or keep.max() >= group.size):
+        raise PassError(f"keep indices out of range for {group!r}")
+    mask[keep.astype(np.int64)] = True
+    return mask
+
+
+class _Applier:
+    """What a rule's `update` hook may ask while the new graph is being fixed up."""
+
+    def __init__(self, plan: ChannelPlan, old_nodes: dict[str, fx.Node]):
+        self.plan = plan
+        self.old = old_nodes
+
+    def _old(self, node):
+        return self.old.get(node.name) if isinstance(node, fx.Node) else None
+
+    def raw(self, node):
+        return self.plan.dg.values.get(self._old(node))
+
+    def ids(self, node):
+        v = self.raw(node)
+        return v if isinstance(v, list) else None
+
+    def new_shapes(self, node):
+        v = self.raw(node)
+        if isinstance(v, list):
+            return [self.plan.new_size(ids) for ids in v]
+        if isinstance(v, tuple):
+            return [None if e is None else [self.plan.new_size(ids) for ids in e] for e in v]
+        return None
+
+    def kept_positions(self, ids: np.ndarray) -> np.ndarray:
+        return self.plan.kept_positions(ids)
+
+
+def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: bool, summed: bool,
+             weights: np.ndarray) -> torch.Tensor:
+    src = np.flatnonzero(dest >= 0)
+    src_t = torch.from_numpy(src)
+    if select:
+        return t.index_select(dim, src_t).clone()
+    shape = list(t.shape)
+    shape[dim] = size
+    to = torch.from_numpy(dest[src])
+    part = t.index_select(dim, src_t)
+    if summed:  # consumer columns: y = sum_c W[:, c] x_c, so identical x_c fuse exactly
+        return torch.zeros(shape, dtype=t.dtype).index_add_(dim, to, part)
+    # producer rows / norm statistics: weighted mean over the cluster (FCOS Eq. 5 with weights)
+    w = torch.from_numpy(weights[src]).to(t.dtype)
+    view = [1] * t.dim()
+    view[dim] = len(src)
+    total = torch.zeros(shape, dtype=t.dtype).index_add_(dim, to, part * w.view(view))
+    norm = torch.zeros(size, dtype=t.dtype).index_add_(0, to, w)
+    view[dim] = size
+    return total / norm.view(view)
+
+
+def _set_tensor(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value
+
+
+def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
+    """Return a new GraphModule with the plan's channels removed / merged, checked by shape propagation."""
+    dg = plan.dg
+    old_nodes = {n.name: n for n in dg.gm.graph.nodes}
+    new = copy.deepcopy(gm)
+    if [n.name for n in new.graph.nodes] != list(old_nodes):
+        raise PassError("apply_plan: the GraphModule is not the one the DependencyGraph was built from")
+    with torch.no_grad():
+        for p in dg.params:
+            t = new.get_parameter(p.key) if _is_param(new, p.key) else new.get_buffer(p.key)
+            changed = False
+            for k, ids in enumerate(p.ids):
+                if ids is None or (d := plan.dest(ids)) is None:
+                    continue
+                dest, size, select = d
+                w = plan.weight[dg.label[ids]]
+                t = _reindex(t.detach(), k, dest, size, select, p.roles[k] == "in", w)
+                changed = True
+            if changed:
+                _set_tensor(new, p.key, t)
+    applier = _Applier(plan, old_nodes)
+    for node in new.graph.nodes:
+        rule, mod = rule_for(node, new)
+        if rule is None or rule.update is None:
+            continue
+        touched = [node, *node.all_input_nodes]
+        if any(_changed(plan, dg.values.get(old_nodes[n.name])) for n in touched):
+            rule.update(node, mod, applier)
+    new.graph.lint()
+    new.recompile()
+    verify_shapes(new, dg.example_inputs, applier)
+    return new
+
+
+def _is_param(gm: fx.GraphModule, key: str) -> bool:
+    try:
+        gm.get_parameter(key)
+        return True
+    except AttributeError:
+        return False
+
+
+def _changed(plan: ChannelPlan, value) -> bool:
+    if isinstance(value, list):
+        return any(plan.dest(ids) is not None for ids in value)
+    if isinstance(value, tuple):
+        return any(_changed(plan, v) for v in value)
+    return False
+
+
+def verify_shapes(gm: fx.GraphModule, example_inputs: tuple, applier: _Applier) -> None:
+    """Run shape propagation on the rewritten graph and compare every node with the planned shape."""
+    try:
+        propagate(gm, example_inputs)
+    except Exception as exc:
+        raise PassError(f"the rewritten graph does not run: {exc}") from exc
+    for node in gm.graph.nodes:
+        want = applier.new_shapes(node)
+        meta = node.meta.get("tensor_meta")
+        if want is None or meta is None:
+            continue
+        got = list(meta.shape) if hasattr(meta, "shape") else [
+            None if m is None or not hasattr(m, "shape") else list(m.shape) for m in meta]
+        if got != want:
+            raise PassError(f"rewrite gave node {node.name!r} shape {got}, the plan expects {want}")
+
+
+def remove_channels(gm: fx.GraphModule, group: Group, keep) -> fx.GraphModule:
+    """New module keeping only channels `keep` (indices or bool mask) of `group`."""
+    return apply_plan(gm, ChannelPlan(group.dg).remove(group, keep))
+
+
+def merge_channels(gm: fx.GraphModule, group: Group, clusters: Sequence[Sequence[int]], how: str = "mean",
+                   weights: np.ndarray | None = None) -> fx.GraphModule:
+    """New module where each cluster of `group`'s channels becomes one channel.
+
+    how="mean": producer rows averaged; how="l1": weighted by `weights` (e.g. the rows' L1 norms)."""
+    if how not in ("mean", "l1"):
+        raise PassError(f"merge_channels: how={how!r}; valid: 'mean', 'l1'")
+    if how == "l1" and weights is None:
+        raise PassError("merge_channels: how='l1' needs weights (one per channel of the group)")
+    return apply_plan(gm, ChannelPlan(group.dg).merge(group, clusters, weights if how == "l1" else None))
+
+
+def replace_module(gm: fx.GraphModule, node: str, new: nn.Module | Sequence[nn.Module],
+                   example_inputs: tuple | None = None) -> fx.GraphModule:
+    """New module where the call_module node `node` runs `new` (a module, or a chain given as a list)."""
+    out = copy.deepcopy(gm)
+    target = next((n for n in out.graph.nodes if n.name == node), None)
+    if target is None or target.op != "call_module":
+        raise PassError(f"replace_module: {node!r} is not a call_module node")
+    before = target.meta.get("tensor_meta")
+    chain = nn.Sequential(*new) if isinstance(new, (list, tuple)) else new
+    parent, _, attr = str(target.target).rpartition(".")
+    setattr(out.get_submodule(parent) if parent else out, attr, copy.deepcopy(chain))
+    out.graph.lint()
+    out.recompile()
+    if example_inputs is not None:
+        _check_same_output(out, target.name, before, example_inputs)
+    return out
+
+
+def drop_block(gm: fx.GraphModule, start: str, end: str, projection: nn.Module | None = None,
+               example_inputs: tuple | None = None) -> fx.GraphModule:
+    """New module where the value of node `end` is replaced by the value of node `start` (the block
+    between them becomes identity), through `projection` when given (e.g. a 1×1 conv when channels
+    differ). Nodes left without users are removed."""
+    out = copy.deepcopy(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+    if start not in nodes or end not in nodes:
+        raise PassError(f"drop_block: unknown node {start if start not in nodes else end!r}")
+    s, e = nodes[start], nodes[end]
+    before = e.meta.get("tensor_meta")
+    repl = s
+    if projection is not None:
+        name = f"{end}_projection"
+        out.add_submodule(name, copy.deepcopy(projection))
+        with out.graph.inserting_after(s):
+            repl = out.graph.call_module(name, (s,))
+    e.replace_all_uses_with(repl, delete_user_cb=lambda u: u is not repl)
+    out.graph.eliminate_dead_code()
+    out.delete_all_unused_submodules()
+    out.graph.lint()
+    out.recompile()
+    if example_inputs is not None:
+        _check_same_output(out, repl.name, before, example_inputs)
+    return out
+
+
+def _check_same_output(gm: fx.GraphModule, node: str, before, example_inputs: tuple) -> None:
+    try:
+        propagate(gm, example_inputs)
+    except Exception as exc:
+        raise PassError(f"the rewritten graph does not run: {exc}") from exc
+    after = next(n for n in gm.graph.nodes if n.name == node).meta.get("tensor_meta")
+    if before is not None and after is not None and tuple(before.shape) != tuple(after.shape):
+        raise PassError(f"node {node!r} changed shape {tuple(before.shape)} -> {tuple(after.shape)}")

@@ -1,0 +1,93 @@
+"""Trace: turn an nn.Module into a torch.fx GraphModule, the IR every later stage reads.
+
+Uses `torch.fx.Tracer` with a leaf policy: torch.nn modules (fx's default), the user's `leaf_modules`
+(types or qualified names) and the leaf types other fxslim components register. The model is copied
+first, so the GraphModule never shares parameters with the caller's model, and traced in eval mode so
+`self.training` branches take their inference path. Failures become `TraceError`s that name the module
+path being traced and the Python construct that broke tracing. This file must never change the model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from torch import fx, nn
+
+from fxslim.errors import TraceError
+
+# Leaf types registered by adapters (e.g. the e2cnn adapter); fx never looks inside them.
+_REGISTERED_LEAVES: set[type] = set()
+
+
+def register_leaf(module_type: type) -> None:
+    """Declare a module type that fx must not trace into (it needs a channel rule in graph/rules.py)."""
+    _REGISTERED_LEAVES.add(module_type)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+        super().__init__()
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+        self.path: list[str] = []
+        self.failed_at: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        # Keep the module path so a failure deep inside can say where it happened.
+        self.path.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = list(self.path)
+            raise
+        finally:
+            self.path.pop()
+
+
+def _construct(exc: BaseException) -> str:
+    msg = str(exc)
+    if "control flow" in msg or "bool" in msg:
+        return "data-dependent control flow (an `if`/`while`/`assert` on a tensor value)"
+    if "iterated" in msg or "iter" in msg:
+        return "iteration over a tensor (len()/for over a traced value)"
+    if "numpy" in msg.lower() or "__array__" in msg:
+        return "a numpy call on a traced tensor"
+    return "Python that torch.fx cannot trace symbolically"
+
+
+def trace(
+    model: nn.Module, example_inputs: tuple | None = None, *, leaf_modules: Iterable[type | str] = ()
+) -> fx.GraphModule:
+    """Return a NEW GraphModule for `model` (a copy is traced; the model is left untouched).
+
+    `leaf_modules` lists module types or qualified names (e.g. "features.3") that are kept as single
+    nodes. `example_inputs` is accepted for symmetry with the other entry points; tracing is symbolic."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule):
+        return copy.deepcopy(model)
+    leaves = tuple(m for m in leaf_modules if isinstance(m, type)) + tuple(_REGISTERED_LEAVES)
+    names = frozenset(m for m in leaf_modules if isinstance(m, str))
+    unknown = sorted(n for n in names if n not in dict(model.named_modules()))
+    if unknown:
+        raise TraceError(f"leaf_modules names not found in {type(model).__name__}: {unknown}")
+    root = copy.deepcopy(model).eval()
+    tracer = _Tracer(leaves, names)
+    try:
+        graph = tracer.trace(root)
+    except Exception as exc:
+        where = (tracer.failed_at or [""])[-1] or "<top level forward>"
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: {_construct(exc)} in module {where!r}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Make that module a leaf (leaf_modules=[...]) or remove the construct."
+        ) from exc
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.meta.update(getattr(model, "fxslim_meta", {}) or {})
+    return gm

@@ -1,0 +1,68 @@
+"""The public entry point `compress`: trace → annotate → run the recipe's passes → a new module + report.
+
+The caller's model is never modified (tracing works on a copy), and the recipe is validated before any
+work starts. `FXSLIM_DUMP=dir` turns on IR dumps when `dump_dir` is not given."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from fxslim.pass_api import PassContext
+from fxslim.pm import PassRecord, run_passes
+from fxslim.recipe import load_recipe
+from fxslim.trace import trace
+
+
+@dataclass
+class CompressResult:
+    module: fx.GraphModule
+    report: list[PassRecord]
+
+    def summary(self) -> str:
+        """A printable table: one row per pass with params/MACs before → after, time and whether it changed."""
+        head = f"{'pass':<18}{'params':>24}{'MACs':>30}{'seconds':>10}  changed"
+        lines = [head, "-" * len(head)]
+        for r in self.report:
+            params = f"{r.params_before:,} -> {r.params_after:,}"
+            macs = f"{r.macs_before:,} -> {r.macs_after:,}"
+            lines.append(f"{r.name:<18}{params:>24}{macs:>30}{r.seconds:>10.2f}  {'yes' if r.changed else 'no'}")
+        if self.report:
+            first, last = self.report[0], self.report[-1]
+            lines.append("-" * len(head))
+            lines.append(f"{'total':<18}{_ratio(first.params_before, last.params_after):>24}"
+                         f"{_ratio(first.macs_before, last.macs_after):>30}"
+                         f"{sum(r.seconds for r in self.report):>10.2f}")
+        return "\n".join(lines)
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"x{after / before:.3f}" if before else "-"
+
+
+def compress(
+    model: nn.Module,
+    example_inputs,
+    recipe,
+    *,
+    data: Iterable | None = None,
+    dump_dir: str | Path | None = None,
+    seed: int = 0,
+) -> CompressResult:
+    """Run `recipe` on `model`; returns a CompressResult with a NEW GraphModule (`model` is left untouched)."""
+    specs = load_recipe(recipe)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if dump_dir is None and os.environ.get("FXSLIM_DUMP"):
+        dump_dir = os.environ["FXSLIM_DUMP"]
+    gm = trace(model, inputs)
+    ctx = PassContext(example_inputs=inputs, data=data, seed=seed, reference=copy.deepcopy(gm),
+                      dump_dir=Path(dump_dir) if dump_dir else None)
+    torch.manual_seed(seed)
+    module, report = run_passes(gm, specs, ctx, ctx.dump_dir)
+    return CompressResult(module.eval(), report)

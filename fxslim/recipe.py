@@ -1,0 +1,107 @@
+"""Recipes: which passes run, in which order, with which options.
+
+A recipe is a list whose items are a pass name or a dict {"pass": name, **options}, a path to a TOML file
+with [[pass]] tables holding the same keys, or the name of a built-in recipe in fxslim/recipes/. Every pass
+name and option is checked against the registry (the keyword-only parameters of each pass's `run`) before
+anything runs; a mistake is a RecipeError that lists what is valid. This file never runs a pass."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from fxslim.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+@cache
+def registry() -> dict[str, ModuleType]:
+    """Every pass module in fxslim.passes that defines NAME and run, keyed by NAME."""
+    import fxslim.passes as pkg
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fxslim.passes.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            found[mod.NAME] = mod
+    return dict(sorted(found.items()))
+
+
+def pass_options(name: str) -> dict[str, object]:
+    """The options of pass `name` with their defaults."""
+    sig = inspect.signature(registry()[name].run)
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(recipe) -> list[PassSpec]:
+    """Normalise and validate a recipe (list, TOML path or built-in name) into PassSpecs."""
+    if isinstance(recipe, (str, Path)):
+        items = _read_toml(_find(recipe))
+    elif isinstance(recipe, (list, tuple)):
+        items = list(recipe)
+    else:
+        raise RecipeError(f"a recipe is a list, a TOML path or a built-in name, not {type(recipe).__name__}")
+    specs = [_spec(item, i) for i, item in enumerate(items)]
+    if not specs:
+        raise RecipeError("the recipe is empty")
+    return specs
+
+
+def _find(recipe: str | Path) -> Path:
+    path = Path(recipe)
+    if path.suffix == ".toml" or path.exists():
+        if not path.exists():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        return path
+    builtin = RECIPES_DIR / f"{recipe}.toml"
+    if builtin.exists():
+        return builtin
+    raise RecipeError(f"no recipe file or built-in recipe named {str(recipe)!r}; built-in: {builtin_recipes()}")
+
+
+def _read_toml(path: Path) -> list:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    if "pass" not in data or not isinstance(data["pass"], list):
+        raise RecipeError(f"{path}: a recipe file needs [[pass]] tables, found keys {sorted(data)}")
+    return data["pass"]
+
+
+def _spec(item, position: int) -> PassSpec:
+    if isinstance(item, str):
+        name, options = item, {}
+    elif isinstance(item, dict):
+        if "pass" not in item:
+            raise RecipeError(f"recipe item {position} has no 'pass' key: {item}")
+        options = {k: v for k, v in item.items() if k != "pass"}
+        name = item["pass"]
+    else:
+        raise RecipeError(f"recipe item {position} must be a pass name or a dict, not {type(item).__name__}")
+    passes = registry()
+    if name not in passes:
+        raise RecipeError(f"unknown pass {name!r} (item {position}); valid passes: {', '.join(passes)}")
+    valid = pass_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise RecipeError(f"pass {name!r} has no option {', '.join(map(repr, unknown))}; "
+                          f"valid options: {', '.join(valid) or '(none)'}")
+    return PassSpec(name, options)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+
+import tomllib
 
 from fxslim.errors import RecipeError
 

@@ -52,10 +52,10 @@ class _Tracer(fx.Tracer):
 
 def _construct(exc: BaseException) -> str:
     msg = str(exc)
+    if "cannot be iterated" in msg or "len(" in msg:
+        return "iteration over a traced value (len(), a for loop or *args over a tensor or its shape)"
     if "control flow" in msg or "bool" in msg:
         return "data-dependent control flow (an `if`/`while`/`assert` on a tensor value)"
-    if "iterated" in msg or "iter" in msg:
-        return "iteration over a tensor (len()/for over a traced value)"
     if "numpy" in msg.lower() or "__array__" in msg:
         return "a numpy call on a traced tensor"
     return "Python that torch.fx cannot trace symbolically"

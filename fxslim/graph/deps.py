@@ -106,6 +106,19 @@ class DependencyGraph:
         g = g[g >= 0]
         return self.groups[int(g[0])] if len(g) else None
 
+    def merge_classes(self, group: Group) -> list[np.ndarray]:
+        """Partition `group`'s channels into classes that may be merged with each other: channels that run
+        through exactly the same tensor dims the same number of times (a split sends two channels of one
+        group to different consumers; fusing them could not be exact)."""
+        n = len(self.atom_group)
+        sig = np.zeros(n, dtype=np.uint64)
+        mult = np.uint64(1000003)
+        for d, ids in enumerate(ids for v in self.values.values() for _, ids in _dims_of(v)):
+            counts = np.bincount(self.label[ids], minlength=n)[group.atoms].astype(np.uint64)
+            sig[group.atoms] = sig[group.atoms] * mult + counts * np.uint64(d + 1)
+        _, cls = np.unique(sig[group.atoms], return_inverse=True)
+        return [np.flatnonzero(cls == c) for c in range(cls.max() + 1)] if group.size else []
+
     def summary(self) -> str:
         lines = [f"{len(self.groups)} groups ({len(self.prunable_groups)} prunable), "
                  f"{len(self.unsupported)} unsupported ops"]

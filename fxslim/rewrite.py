@@ -89,8 +89,8 @@ class ChannelPlan:
         pos = np.searchsorted(rep_keys[key_order], want)
         pos = np.minimum(pos, len(rep_keys) - 1)
         if not (rep_keys[key_order][pos] == want).all():
-            raise PassError("merge pairs channels that do not run through the same tensors (e.g. two sides of a split); "
-                            "cluster within DependencyGraph.merge_classes(group)")
+            raise PassError("merge pairs channels that do not run through the same tensors (e.g. the two "
+                            "sides of a split); cluster within DependencyGraph.merge_classes(group)")
         dest[merged] = dest[rep][key_order][pos]
         return dest, new_size, False
 

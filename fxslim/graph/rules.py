@@ -223,9 +223,9 @@ def reshape(b, node, mod=None):
     """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the input and output shapes.
 
     Merging dims (flatten C×H×W → F): index f belongs to the channel of its one prunable factor (the
-    carrier); the other factors are frozen. Splitting a dim (E → heads×dim, C → groups×C/g): the largest
-    output dim carries the channels, indices that differ only in the other factors become one channel, and
-    the other output dims are new and frozen."""
+    carrier); the other factors are frozen. Splitting a dim (E → heads×dim, C → groups×C/g): one output
+    dim carries the channels (heads when the split ends the shape, else the largest part), indices that
+    differ only in the other parts become one channel, and the other output dims are new and frozen."""
     x = b.ids(node.args[0])
     src, dst = b.shape(node.args[0]), b.shape(node)
     if x is None or src is None or dst is None:
@@ -244,7 +244,8 @@ def reshape(b, node, mod=None):
         elif len(jj) == 1:
             out[jj[0]] = _merge(b, node, [x[i] for i in ii])
         elif len(ii) == 1:
-            for j, ids in zip(jj, _split(b, x[ii[0]], [dst[j] for j in jj]), strict=True):
+            trailing = jj[-1] == len(dst) - 1
+            for j, ids in zip(jj, _split(b, x[ii[0]], [dst[j] for j in jj], trailing), strict=True):
                 out[j] = ids
         else:
             for i in ii:
@@ -272,28 +273,42 @@ def _merge(b, node, factors: list[np.ndarray]) -> np.ndarray:
     return np.broadcast_to(factors[carrier].reshape(shape), sizes).reshape(-1)
 
 
-def _split(b, ids: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+def _split(b, ids: np.ndarray, sizes: list[int], trailing: bool) -> list[np.ndarray]:
     live = [k for k, s in enumerate(sizes) if s > 1]
     if len(live) <= 1:
         return [ids if (k in live or (not live and k == 0)) else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
-    carrier = max(live, key=lambda k: (sizes[k], k))
+    # A split that ends the shape is a feature dim cut into heads (..., heads, head_dim): a head is the unit.
+    # Otherwise (channel shuffle: N, groups, C/groups, H, W) the largest part keeps fine-grained channels.
+    carrier = live[0] if trailing else max(live, key=lambda k: (sizes[k], k))
     grid = np.moveaxis(ids.reshape(sizes), carrier, -1).reshape(-1, sizes[carrier])
     b.unify(grid, np.broadcast_to(grid[:1], grid.shape))
     return [grid[0] if k == carrier else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
 
 
+def _resized(sizes, old, new) -> list:
+    """Size arguments with every dim whose size changed replaced by its new size. A computed size (a Node,
+    e.g. `x.shape[2]`) of a changed dim is replaced too: it was read from a tensor that pruning did not
+    touch, and channel dims are static. -1 stays -1."""
+    return [s if (s == -1 or o == n) else n for s, o, n in zip(sizes, old, new, strict=True)]
+
+
+def _shape_args(node: fx.Node) -> tuple[list, bool]:
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return list(node.args[1]), True
+    return list(node.args[1:]), False
+
+
+def _set_shape_args(node: fx.Node, sizes: list, wrapped: bool) -> None:
+    node.args = (node.args[0], tuple(sizes)) if wrapped else (node.args[0], *sizes)
+
+
 def reshape_update(node, mod, b):
-    """Replace literal sizes in view/reshape arguments by the new sizes (-1 and computed sizes stay)."""
-    new = b.new_shapes(node)
+    """Give view/reshape the new sizes of the dims that changed."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name not in ("view", "reshape"):
         return
-    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-        shape, wrap = list(node.args[1]), True
-    else:
-        shape, wrap = list(node.args[1:]), False
-    shape = [n if isinstance(s, int) and s != -1 else s for s, n in zip(shape, new, strict=False)]
-    node.args = (node.args[0], tuple(shape)) if wrap else (node.args[0], *shape)
+    sizes, wrapped = _shape_args(node)
+    _set_shape_args(node, _resized(sizes, node.meta["tensor_meta"].shape, b.new_shapes(node)), wrapped)
 
 
 def expand(b, node, mod=None):
@@ -309,13 +324,8 @@ def expand(b, node, mod=None):
 
 
 def expand_update(node, mod, b):
-    new = b.new_shapes(node)
-    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
-        sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(node.args[1], new, strict=False)]
-        node.args = (node.args[0], tuple(sizes))
-    else:
-        sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(node.args[1:], new, strict=False)]
-        node.args = (node.args[0], *sizes)
+    sizes, wrapped = _shape_args(node)
+    _set_shape_args(node, _resized(sizes, node.meta["tensor_meta"].shape, b.new_shapes(node)), wrapped)
 
 
 def getitem(b, node, mod=None):

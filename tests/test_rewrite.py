@@ -1,0 +1,122 @@
+"""Rewrite primitives: each returns a NEW GraphModule that lints, runs and keeps the planned shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.rewrite import ChannelPlan, drop_block, merge_channels, remove_channels, replace_module
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.f = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        y = y + self.f(y)
+        return self.head(y)
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm = fxslim.trace(model)
+    return model, x, gm, fxslim.analyze(gm, (x,))
+
+
+def test_remove_channels_slices_every_member_and_keeps_input():
+    model, x, gm, dg = _setup()
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    g = dg.group_of("a")
+    new = remove_channels(gm, g, np.array([True, False, True, True, False, True]))
+    assert new is not gm and all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+    keep = [0, 2, 3, 5]
+    torch.testing.assert_close(new.bn.running_var, model.bn.running_var[keep])
+    torch.testing.assert_close(new.head.weight, model.head.weight[:, keep])
+    torch.testing.assert_close(new.f.weight, model.f.weight[keep][:, keep])
+    new.graph.lint()
+    assert new(x).shape == (2, 2, 5, 5)
+
+
+def test_merge_channels_averages_producers_and_sums_consumers():
+    model, x, gm, dg = _setup()
+    g = dg.group_of("a")
+    new = merge_channels(gm, g, [[1, 4], [2, 3, 5]])
+    assert new.a.out_channels == 3 and new.bn.num_features == 3
+    torch.testing.assert_close(new.a.weight[1], (model.a.weight[1] + model.a.weight[4]) / 2)
+    torch.testing.assert_close(new.bn.running_mean[2], model.bn.running_mean[[2, 3, 5]].mean())
+    torch.testing.assert_close(new.head.weight[:, 2], model.head.weight[:, [2, 3, 5]].sum(1))
+    torch.testing.assert_close(new.f.weight[0, 1], model.f.weight[0, [1, 4]].sum(0))
+    weights = np.array([1.0, 3.0, 1.0, 1.0, 1.0, 1.0])
+    l1 = merge_channels(gm, g, [[1, 4]], how="l1", weights=weights)
+    torch.testing.assert_close(l1.a.weight[1], (3 * model.a.weight[1] + model.a.weight[4]) / 4)
+
+
+def test_plan_errors_are_typed():
+    _, _, gm, dg = _setup()
+    g = dg.group_of("a")
+    with pytest.raises(fxslim.PassError, match="keep at least one"):
+        ChannelPlan(dg).remove(g, [])
+    with pytest.raises(fxslim.PassError, match="out of range"):
+        ChannelPlan(dg).remove(g, [9])
+    frozen = dg.group_of("head")
+    with pytest.raises(fxslim.PassError, match="frozen"):
+        ChannelPlan(dg).remove(frozen, [0])
+    with pytest.raises(fxslim.PassError, match="how="):
+        merge_channels(gm, g, [[0, 1]], how="max")
+
+
+def test_replace_module_by_a_chain():
+    model, x, gm, _ = _setup()
+    a = model.f
+    # an exact two-step chain: the conv, then an identity 1x1 conv
+    eye = nn.Conv2d(6, 6, 1, bias=False)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(6).view(6, 6, 1, 1))
+    new = replace_module(gm, "f", [a, eye], example_inputs=(x,))
+    assert isinstance(new.f, nn.Sequential) and len(new.f) == 2
+    torch.testing.assert_close(new(x), gm(x), atol=1e-6, rtol=0)
+    assert not isinstance(gm.f, nn.Sequential)
+    with pytest.raises(fxslim.PassError, match="does not run.*'add'"):
+        replace_module(gm, "f", nn.Conv2d(6, 6, 3), example_inputs=(x,))
+    with pytest.raises(fxslim.PassError, match=r"'head' changed shape \(2, 2, 5, 5\) -> \(2, 3, 5, 5\)"):
+        replace_module(gm, "head", nn.Conv2d(6, 3, 1), example_inputs=(x,))
+
+
+def test_drop_block_makes_the_residual_branch_identity():
+    model, x, gm, _ = _setup()
+    new = drop_block(gm, "relu", "add", example_inputs=(x,))
+    assert "f" not in dict(new.named_modules())
+    y = torch.relu(model.bn(model.a(x)))
+    torch.testing.assert_close(new(x), model.head(y))
+    assert "f" in dict(gm.named_modules())
+
+
+def test_drop_block_with_projection_when_channels_differ():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(4, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.a(x))))
+
+    model = Chain().eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = fxslim.trace(model)
+    with pytest.raises(fxslim.PassError):
+        drop_block(gm, "a", "relu", example_inputs=(x,))
+    proj = nn.Conv2d(4, 8, 1)
+    new = drop_block(gm, "a", "relu", projection=proj, example_inputs=(x,))
+    torch.testing.assert_close(new(x), model.c(proj(model.a(x))))

@@ -1,0 +1,216 @@
+"""ONNX export: parity with PyTorch, exporter fallback, typed errors, INT8 calibration and op counting."""
+
+import functools
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxslim.export as export
+from fxslim.errors import ExportError
+from fxslim.export import export_onnx, export_report, ort_run, ort_session, quantized_op_counts
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = y + torch.relu(self.conv2(y))
+        return self.fc(y.mean((2, 3)))
+
+
+class TupleNet(nn.Module):
+    """Nested tuple/list/dict outputs, plus a None that exporters drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor):
+        y = self.conv(x)
+        return y.relu(), {"pooled": y.mean((2, 3)), "rest": [y.amax((2, 3)), None]}
+
+
+class NumpyTanh(nn.Module):
+    """Calls a Python function on numpy arrays: a TorchScript trace bakes it into a constant (caught by the
+    perturbed-input check) and torch.export refuses `.numpy()`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_numpy(np.vectorize(math.tanh)(x.numpy()).astype(np.float32))
+
+
+def _small_net() -> SmallNet:
+    torch.manual_seed(0)
+    return SmallNet()
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["module", "graphmodule"])
+def test_small_net_matches_pytorch_and_module_is_untouched(tmp_path, traced):
+    model = _small_net()
+    if traced:
+        model = torch.fx.symbolic_trace(model)
+    model.train()
+    model.bn1.eval()  # mixed flags must come back exactly as they were
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+
+    err = export_onnx(model, x, tmp_path / "net.onnx")
+
+    assert (tmp_path / "net.onnx").stat().st_size > 0
+    assert 0 <= err < 1e-4
+    assert model.training and not model.bn1.training and model.conv1.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # The returned error is what ORT really gives on the file.
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    got = ort_run(ort_session(tmp_path / "net.onnx"), (x,))[0]
+    assert np.abs(got - ref).max() == pytest.approx(err, abs=1e-9)
+
+
+def test_tuple_and_dict_outputs_are_flattened_and_compared(tmp_path):
+    torch.manual_seed(0)
+    report = export_report(TupleNet(), (torch.randn(1, 3, 8, 8),), tmp_path / "tuple.onnx")
+    assert report.exporter == "torchscript" and report.failed_attempts == []
+    assert 0 <= report.max_abs_error < 1e-5
+    outputs = ort_run(ort_session(tmp_path / "tuple.onnx"), torch.randn(1, 3, 8, 8))
+    assert [o.shape for o in outputs] == [(1, 4, 6, 6), (1, 4), (1, 4)]
+
+
+def test_unexportable_model_raises_export_error_naming_the_model(tmp_path):
+    with pytest.raises(ExportError) as info:
+        export_onnx(NumpyTanh(), torch.randn(1, 3, 4, 4), tmp_path / "np.onnx")
+    message = str(info.value)
+    assert "NumpyTanh" in message
+    assert "torchscript exporter" in message and "on perturbed inputs" in message
+    assert "dynamo exporter" in message and ".numpy()" in message
+
+
+def test_parity_failure_raises_export_error_naming_the_output(tmp_path, monkeypatch):
+    def shifted(session, inputs):
+        return [o + 0.5 for o in ort_run(session, inputs)]
+
+    monkeypatch.setattr(export, "ort_run", shifted)
+    monkeypatch.setattr(export, "EXPORTER_ORDER", ("torchscript",))
+    with pytest.raises(ExportError, match=r"SmallNet.*output 0 differs from PyTorch by 0\.5"):
+        export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "net.onnx")
+
+
+def test_falls_back_to_dynamo_when_torchscript_raises(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("tracer exploded\nsecond line\nthird line\nfourth line")
+
+    monkeypatch.setitem(export._EXPORTERS, "torchscript", broken)
+    report = export_report(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "net.onnx")
+    assert report.exporter == "dynamo"
+    assert report.failed_attempts == ["torchscript exporter: RuntimeError: tracer exploded | second line | third line"]
+    assert report.max_abs_error < 1e-4
+    assert not (tmp_path / "net.onnx.data").exists()  # weights stay inside the one file
+
+
+def test_unknown_quantize_mode_lists_valid_values(tmp_path):
+    with pytest.raises(ExportError, match=r"'int4'.*None, 'int8'"):
+        export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "net.onnx", quantize="int4")
+
+
+def test_int8_is_calibrated_reports_drift_and_really_runs_quantized_ops(tmp_path):
+    model, x = _small_net(), torch.randn(1, 3, 16, 16)
+    # (x, y) batches of 8 are cut to the exported batch size of 1.
+    calib = [(torch.randn(8, 3, 16, 16), torch.zeros(8)) for _ in range(4)]
+
+    report = export_report(model, x, tmp_path / "net.int8.onnx", quantize="int8", calib_data=calib)
+
+    assert (tmp_path / "net.int8.onnx").exists() and (tmp_path / "net.int8.fp32.onnx").exists()
+    assert report.fp32_error < 1e-4
+    with torch.no_grad():
+        scale = float(model.eval()(x).abs().max())
+    # Quantization changes the numbers (drift > 0), but by a few percent of the output scale at most.
+    assert np.isfinite(report.max_abs_error) and 0 < report.max_abs_error < 0.1 * scale
+    counts = quantized_op_counts(tmp_path / "net.int8.onnx")
+    assert counts == report.quantized_ops
+    assert counts.get("QLinearConv", 0) == 2 and counts.get("QLinearAdd", 0) == 1
+    # The file itself is QDQ; the fused QLinearConv only exists in the graph ORT runs.
+    assert "QLinearConv" not in export.op_counts(tmp_path / "net.int8.onnx", optimized=False)
+
+
+def test_int8_without_calib_data_uses_example_inputs(tmp_path):
+    drift = export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "q.onnx", quantize="int8")
+    assert np.isfinite(drift) and drift > 0
+    assert quantized_op_counts(tmp_path / "q.onnx").get("QLinearConv", 0) > 0
+
+
+def test_calibration_batch_of_wrong_shape_raises(tmp_path):
+    with pytest.raises(ExportError, match="calib_data batch shapes"):
+        export_onnx(
+            _small_net(),
+            torch.randn(1, 3, 8, 8),
+            tmp_path / "q.onnx",
+            quantize="int8",
+            calib_data=[torch.randn(4, 3, 9, 9)],
+        )
+
+
+def test_ort_run_rejects_wrong_number_of_inputs(tmp_path):
+    export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "net.onnx")
+    with pytest.raises(ExportError, match="takes 1 inputs"):
+        ort_run(ort_session(tmp_path / "net.onnx"), (torch.randn(1, 3, 8, 8), torch.randn(1)))
+
+
+TORCHVISION = {
+    "resnet18": (lambda: torchvision.models.resnet18(), 64),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), 64),
+    "densenet121": (lambda: torchvision.models.densenet121(), 64),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 64),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 64),
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), 32),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """Random-init model with outputs of order one, so that parity is not checked on ~1e-10 numbers:
+    BatchNorm statistics are set from one random batch and ViT's zero-initialised head gets weights."""
+    factory, size = TORCHVISION[name]
+    torch.manual_seed(0)
+    model = factory()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, size, size))
+        if name == "vit_b_16":
+            nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model.eval(), torch.randn(1, 3, size, size)
+
+
+# vit_b_16 keeps its 86M parameters at 32x32: writing the 345 MB file takes 9-13 s per export.
+@pytest.mark.parametrize("traced", [False, True], ids=["module", "graphmodule"])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "vit_b_16" else n for n in TORCHVISION]
+)
+def test_torchvision_parity(tmp_path, name, traced):
+    model, x = _torchvision_model(name)
+    if traced:
+        model = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert scale > 0.05  # the comparison below is not vacuous
+
+    start = time.perf_counter()
+    report = export_report(model, x, tmp_path / f"{name}.onnx")
+    print(
+        f"{name} {'graphmodule' if traced else 'module'}: {report.exporter} "
+        f"{time.perf_counter() - start:.2f} s, error {report.max_abs_error:.2e}, max|ref| {scale:.2f}"
+    )
+
+    assert report.exporter == "torchscript"
+    assert report.max_abs_error < 1e-4 * max(1.0, scale)

@@ -5,7 +5,6 @@ work starts. `FXSLIM_DUMP=dir` turns on IR dumps when `dump_dir` is not given.""
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from fxslim.graph.clone import detach_tensors
 from fxslim.pass_api import PassContext
 from fxslim.pm import PassRecord, run_passes
 from fxslim.recipe import load_recipe
@@ -61,8 +61,10 @@ def compress(
     if dump_dir is None and os.environ.get("FXSLIM_DUMP"):
         dump_dir = os.environ["FXSLIM_DUMP"]
     gm = trace(model, inputs)
-    ctx = PassContext(example_inputs=inputs, data=data, seed=seed, reference=copy.deepcopy(gm),
+    # Passes never change their input, so the traced graph itself is the untouched reference (KD teacher).
+    ctx = PassContext(example_inputs=inputs, data=data, seed=seed, reference=gm,
                       dump_dir=Path(dump_dir) if dump_dir else None)
     torch.manual_seed(seed)
     module, report = run_passes(gm, specs, ctx, ctx.dump_dir)
+    detach_tensors(module, model)
     return CompressResult(module.eval(), report)

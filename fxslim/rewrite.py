@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from fxslim.errors import PassError
+from fxslim.graph.clone import clone_gm
 from fxslim.graph.deps import DependencyGraph, Group
 from fxslim.graph.rules import rule_for
 from fxslim.graph.shape import propagate
@@ -181,7 +182,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     """Return a new GraphModule with the plan's channels removed / merged, checked by shape propagation."""
     dg = plan.dg
     old_nodes = {n.name: n for n in dg.gm.graph.nodes}
-    new = copy.deepcopy(gm)
+    new = clone_gm(gm)
     if [n.name for n in new.graph.nodes] != list(old_nodes):
         raise PassError("apply_plan: the GraphModule is not the one the DependencyGraph was built from")
     with torch.no_grad():
@@ -264,7 +265,7 @@ def merge_channels(gm: fx.GraphModule, group: Group, clusters: Sequence[Sequence
 def replace_module(gm: fx.GraphModule, node: str, new: nn.Module | Sequence[nn.Module],
                    example_inputs: tuple | None = None) -> fx.GraphModule:
     """New module where the call_module node `node` runs `new` (a module, or a chain given as a list)."""
-    out = copy.deepcopy(gm)
+    out = clone_gm(gm)
     target = next((n for n in out.graph.nodes if n.name == node), None)
     if target is None or target.op != "call_module":
         raise PassError(f"replace_module: {node!r} is not a call_module node")
@@ -284,7 +285,7 @@ def drop_block(gm: fx.GraphModule, start: str, end: str, projection: nn.Module |
     """New module where the value of node `end` is replaced by the value of node `start` (the block
     between them becomes identity), through `projection` when given (e.g. a 1×1 conv when channels
     differ). Nodes left without users are removed."""
-    out = copy.deepcopy(gm)
+    out = clone_gm(gm)
     nodes = {n.name: n for n in out.graph.nodes}
     if start not in nodes or end not in nodes:
         raise PassError(f"drop_block: unknown node {start if start not in nodes else end!r}")

@@ -1,19 +1,20 @@
 """Trace: turn an nn.Module into a torch.fx GraphModule, the IR every later stage reads.
 
 Uses `torch.fx.Tracer` with a leaf policy: torch.nn modules (fx's default), the user's `leaf_modules`
-(types or qualified names) and the leaf types other fxslim components register. The model is copied
-first, so the GraphModule never shares parameters with the caller's model, and traced in eval mode so
-`self.training` branches take their inference path. Failures become `TraceError`s that name the module
-path being traced and the Python construct that broke tracing. This file must never change the model."""
+(types or qualified names) and the leaf types other fxslim components register. The module tree is
+cloned first (graph/clone.py: new module objects, shared tensors, so no flag or attribute of the caller's
+model is ever touched) and traced in eval mode so `self.training` branches take their inference path.
+Failures become `TraceError`s that name the module path being traced and the Python construct that
+broke tracing. This file must never change the model."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 from torch import fx, nn
 
 from fxslim.errors import TraceError
+from fxslim.graph.clone import clone_gm, shallow_clone
 
 # Leaf types registered by adapters (e.g. the e2cnn adapter); fx never looks inside them.
 _REGISTERED_LEAVES: set[type] = set()
@@ -64,20 +65,22 @@ def _construct(exc: BaseException) -> str:
 def trace(
     model: nn.Module, example_inputs: tuple | None = None, *, leaf_modules: Iterable[type | str] = ()
 ) -> fx.GraphModule:
-    """Return a NEW GraphModule for `model` (a copy is traced; the model is left untouched).
+    """Return a NEW GraphModule for `model` (the model is left untouched).
 
-    `leaf_modules` lists module types or qualified names (e.g. "features.3") that are kept as single
-    nodes. `example_inputs` is accepted for symmetry with the other entry points; tracing is symbolic."""
+    Like `torch.fx.symbolic_trace`, the result shares parameter tensors with `model` until a pass rewrites
+    them; `fxslim.compress` returns modules that share nothing. `leaf_modules` lists module types or
+    qualified names (e.g. "features.3") that are kept as single nodes. `example_inputs` is accepted for
+    symmetry with the other entry points; tracing is symbolic."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        return clone_gm(model)
     leaves = tuple(m for m in leaf_modules if isinstance(m, type)) + tuple(_REGISTERED_LEAVES)
     names = frozenset(m for m in leaf_modules if isinstance(m, str))
     unknown = sorted(n for n in names if n not in dict(model.named_modules()))
     if unknown:
         raise TraceError(f"leaf_modules names not found in {type(model).__name__}: {unknown}")
-    root = copy.deepcopy(model).eval()
+    root = shallow_clone(model).eval()
     tracer = _Tracer(leaves, names)
     try:
         graph = tracer.trace(root)

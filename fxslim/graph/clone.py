@@ -1,0 +1,58 @@
+"""Cheap copies of modules and GraphModules for copy-on-write rewriting.
+
+`shallow_clone` copies the module tree (every module object, its attribute dict, and its parameter, buffer
+and child dicts) but shares the tensors: setting a parameter, a buffer or an attribute on the copy never
+touches the original, while nothing of size is copied. This is sound because fxslim never changes a
+tensor in place on a module it did not create (passes build new tensors); `detach_tensors` makes a final
+result share no tensor with the caller's model. A deep copy of ResNet-50 costs ~0.5 s here; this costs
+milliseconds."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+
+def shallow_clone(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose modules are new objects and whose tensors are shared."""
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in memo:  # a module used twice stays one module
+            return memo[id(m)]
+        new = copy.copy(m)
+        memo[id(m)] = new
+        new._parameters = dict(m._parameters)
+        new._buffers = dict(m._buffers)
+        new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+        new._modules = {k: None if v is None else clone(v) for k, v in m._modules.items()}
+        return new
+
+    return clone(module)
+
+
+def clone_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (same node names and meta) over a shallow clone of `gm`."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(shallow_clone(gm), graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def detach_tensors(module: nn.Module, source: nn.Module) -> None:
+    """Give `module` its own copy of every parameter/buffer it still shares with `source` (ties kept)."""
+    shared = {t.data_ptr() for t in [*source.parameters(), *source.buffers()] if t.numel()}
+    memo: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is None or not t.numel() or t.data_ptr() not in shared:
+                    continue
+                if id(t) not in memo:
+                    data = t.detach().clone()
+                    memo[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+                store[name] = memo[id(t)]

@@ -302,13 +302,19 @@ def _set_shape_args(node: fx.Node, sizes: list, wrapped: bool) -> None:
     node.args = (node.args[0], tuple(sizes)) if wrapped else (node.args[0], *sizes)
 
 
+def _update_sizes(node: fx.Node, b) -> None:
+    sizes, wrapped = _shape_args(node)
+    old, new = node.meta["tensor_meta"].shape, b.new_shapes(node)
+    if len(sizes) != len(old):  # one computed shape object (e.g. `y.shape`): read at run time, left alone
+        return
+    _set_shape_args(node, _resized(sizes, old, new), wrapped)
+
+
 def reshape_update(node, mod, b):
     """Give view/reshape the new sizes of the dims that changed."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name not in ("view", "reshape"):
-        return
-    sizes, wrapped = _shape_args(node)
-    _set_shape_args(node, _resized(sizes, node.meta["tensor_meta"].shape, b.new_shapes(node)), wrapped)
+    if name in ("view", "reshape"):
+        _update_sizes(node, b)
 
 
 def expand(b, node, mod=None):
@@ -324,8 +330,7 @@ def expand(b, node, mod=None):
 
 
 def expand_update(node, mod, b):
-    sizes, wrapped = _shape_args(node)
-    _set_shape_args(node, _resized(sizes, node.meta["tensor_meta"].shape, b.new_shapes(node)), wrapped)
+    _update_sizes(node, b)
 
 
 def getitem(b, node, mod=None):

@@ -388,3 +388,18 @@ def test_analysis_has_no_per_channel_cost():
     dg = fxslim.analyze(wide, (torch.randn(1, 3, 2, 2),))
     assert [g.size for g in dg.groups] == [4096, 4096, 2]
     assert np.array_equal(dg.groups[0].atoms, np.sort(dg.groups[0].atoms))
+
+
+def test_reshape_to_a_computed_shape_object_is_left_to_run_time():
+    class ShuffleBack(Shuffle):
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            n, c = y.shape[0], y.shape[1]
+            return self.c(y.view(n, 2, c // 2, -1).transpose(1, 2).reshape(y.shape))
+
+    model = ShuffleBack().eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = remove_channels(gm, _group(dg, "a"), [0, 3])
+    torch.testing.assert_close(new.c.weight, model.c.weight[:, [0, 1, 6, 7]])

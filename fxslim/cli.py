@@ -141,10 +141,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         path = Path(args.save)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Unpickling a GraphModule re-traces its code with `_tracer_cls()`, called without arguments;
-            # fxslim's tracer takes some, so pickle it as traced by fx's own Tracer (same graph: the
-            # re-trace keeps every submodule as a leaf either way).
-            res.module._tracer_cls = None
             torch.save(res.module, path)
         except OSError as exc:
             raise CliError(f"--save {args.save!r}: {exc}") from exc

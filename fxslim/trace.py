@@ -26,7 +26,8 @@ def register_leaf(module_type: type) -> None:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+    # Defaults: torch.load rebuilds a saved GraphModule's tracer class with no arguments.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names

@@ -35,13 +35,13 @@ def run(
     global_ranking: rank all groups' channels together instead of each group on its own.
     ignore: module names whose channels are never removed (inputs and outputs)."""
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise RecipeError(f"prune_channels: ratio={ratio!r} must be in [0, 1)")
+        raise RecipeError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in CRITERIA:
-        raise RecipeError(f"prune_channels: importance={importance!r}; valid: {', '.join(CRITERIA)}")
+        raise RecipeError(f"importance={importance!r}; valid: {', '.join(CRITERIA)}")
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
     groups = dg.prunable_groups
     if not groups:
-        raise PassError(f"prune_channels: no prunable group in {type(gm).__name__}:\n{dg.summary()}")
+        raise PassError(f"no prunable group in {type(gm).__name__}:\n{dg.summary()}")
     scores = atom_scores(dg, importance, ctx.seed)
     drop = _select_global(groups, scores, ratio) if global_ranking else _select_per_group(groups, scores, ratio)
     plan = ChannelPlan(dg)

@@ -336,8 +336,10 @@ def expand_update(node, mod, b):
 def getitem(b, node, mod=None):
     base = node.args[0]
     if isinstance(b.raw(base), tuple):  # element of a tuple output (split, attention, ...)
-        item = b.raw(base)[node.args[1]] if isinstance(node.args[1], int) else None
-        return item if item is not None else None
+        if not isinstance(node.args[1], int):
+            return None
+        item = b.raw(base)[node.args[1]]
+        return item if item is not None else no_tensor(b, node)
     x = b.ids(base)
     if x is None:
         return no_tensor(b, node)

@@ -60,6 +60,8 @@ def run_passes(gm: fx.GraphModule, specs: list[PassSpec], ctx: PassContext,
             raise PassError(f"pass {spec.name!r} changed the model output shapes {want} -> {got}")
         records.append(PassRecord(spec.name, dict(spec.options), cost.params, new_cost.params, cost.macs,
                                   new_cost.macs, seconds, result.changed, result.record))
+        ctx.debug("pass %s%s: params %d -> %d, MACs %d -> %d, %.2fs; %s", spec.name, spec.options or "",
+                  cost.params, new_cost.params, cost.macs, new_cost.macs, seconds, result.record)
         previous = _dump(result.module, new_cost, dump_dir, i, spec.name, previous)
         gm, cost = result.module, new_cost
     return gm, records

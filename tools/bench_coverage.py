@@ -1,0 +1,627 @@
+"""Coverage benchmark over torchvision's classifiers: does fxslim trace, analyze, prune and export each one?
+
+For every classification model in ``torchvision.models`` (random weights, eval mode, batch 1, a small input
+the model accepts) it runs ``fxslim.analyze`` and ``fxslim.compress`` with ``prune_channels`` at ratio 0.5,
+checks that the pruned GraphModule runs and keeps the output shape, records params/MACs before and after and
+the ops the analyzer froze as unsupported, then ``fxslim.export_onnx`` and its onnxruntime parity error
+(optionally ORT CPU-time latency before/after, one thread, interleaved A/B, median). A failure is classified
+by stage (setup, trace, analysis, rewrite, export; timeout or crash for the subprocess guard) with the first
+line of its message; one model failing never stops the run. This tool only measures: it must never change
+fxslim or work around a failure inside it.
+
+    python tools/bench_coverage.py --quick
+    python tools/bench_coverage.py --json out/coverage.jsonl --write-md      # all 80 classifiers
+    python tools/bench_coverage.py --models resnet18,swin_t --ort-latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SIZE = 64
+RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class Special:
+    """An input size and/or constructor arguments for a model that rejects the default 1x3x64x64."""
+
+    size: int = DEFAULT_SIZE
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+
+# Every model not listed here is built with `weights=None` only and fed 1x3x64x64 (all accept it; 32 would
+# leave 1x1 maps in the last stage of most of them, alexnet rejects 32).
+SPECIAL: dict[str, Special] = {
+    "inception_v3": Special(96, {}, "needs >= 75x75 (a 3x3 conv sees 2x2 at 64); 96 keeps the default build"),
+    "maxvit_t": Special(
+        224,
+        {},
+        "every stage map (input/4 ... input/32) must divide by partition_size=7, "
+        "which maxvit_t fixes; 224 = 32*7 is the smallest (input_size= only sizes "
+        "the relative-position tables, 64/96/128 fail in window partition)",
+    ),
+    "vit_b_16": Special(32, {"image_size": 32}, "image_size must equal the input and divide by patch 16: 2x2 patches"),
+    "vit_l_16": Special(32, {"image_size": 32}, "image_size must equal the input and divide by patch 16: 2x2 patches"),
+    "vit_h_14": Special(28, {"image_size": 28}, "image_size must equal the input and divide by patch 14: 2x2 patches"),
+    "vit_b_32": Special(64, {"image_size": 64}, "image_size must equal the input and divide by patch 32: 2x2 patches"),
+    "vit_l_32": Special(64, {"image_size": 64}, "image_size must equal the input and divide by patch 32: 2x2 patches"),
+}
+
+MD_LEGEND = (
+    "Recipe: `prune_channels` ratio {ratio}, random weights (all-zero heads re-drawn), eval, batch 1, input "
+    "{size}x{size} unless noted (see `SPECIAL` in the tool). *seconds* = wall time of `fxslim.compress` (trace, "
+    "shapes, analysis, pruning, cost recount); *params*/*MACs* = after/before; *onnx err* = max abs "
+    "ORT-vs-PyTorch error of the pruned model; *out max* = its max |output| (random-init logits are small, read "
+    "the error against it); *#unsup* = ops `fxslim.analyze` left unsupported; *groups* = prunable/total."
+)
+
+QUICK = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "regnet_x_400mf",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+    "googlenet",
+    "squeezenet1_0",
+    "mnasnet0_5",
+]
+
+
+def all_models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def spec_of(name: str) -> Special:
+    return SPECIAL.get(name, Special())
+
+
+# ---- one model -------------------------------------------------------------------------------------------
+
+
+class StageFailure(Exception):
+    """A failure at a named stage; carries the original exception's type and message."""
+
+    def __init__(self, stage: str, exc: BaseException, note: str = ""):
+        super().__init__(f"{stage}: {exc}")
+        self.stage, self.exc, self.note = stage, exc, note
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")[:400]
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost traceback frame inside fxslim/passes (file:line function), where a fix would start."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/fxslim/" in f.filename or "/passes/" in f.filename]
+    f = (ours or frames or [None])[-1]
+    if f is None:
+        return ""
+    try:
+        rel = Path(f.filename).resolve().relative_to(REPO)
+    except ValueError:
+        rel = Path(f.filename).name
+    return f"{rel}:{f.lineno} {f.name}"
+
+
+def _stage_of(exc: BaseException, step: str) -> str:
+    """Typed fxslim errors name their stage; anything else is charged to the step that was running."""
+    import fxslim
+
+    if isinstance(exc, fxslim.TraceError):
+        return "trace"
+    if isinstance(exc, fxslim.AnalysisError):
+        return "analysis"
+    if isinstance(exc, fxslim.PassError | fxslim.RecipeError):
+        return "rewrite"
+    if isinstance(exc, fxslim.ExportError):
+        return "export"
+    return step
+
+
+def _ort_latency(before: Path, after: Path, x, budget_s: float = 3.0) -> dict[str, float]:
+    """Median ORT CPU time (process_time, 1 intra-op thread) of the two files, runs interleaved A/B."""
+    from fxslim.export import ort_run, ort_session
+
+    sessions = [ort_session(before, threads=1), ort_session(after, threads=1)]
+    feed = x.numpy()
+    for s in sessions:  # warm-up: first runs allocate and pick kernels
+        ort_run(s, feed)
+        ort_run(s, feed)
+    t0 = time.process_time()
+    ort_run(sessions[0], feed)
+    one = max(time.process_time() - t0, 1e-4)
+    pairs = int(min(50, max(5, budget_s / (2 * one))))
+    times: list[list[float]] = [[], []]
+    for _ in range(pairs):
+        for k, s in enumerate(sessions):
+            t0 = time.process_time()
+            ort_run(s, feed)
+            times[k].append(time.process_time() - t0)
+    ms = [statistics.median(t) * 1e3 for t in times]
+    return {"ort_ms_before": ms[0], "ort_ms_after": ms[1], "ort_ratio": ms[1] / ms[0], "ort_pairs": pairs}
+
+
+def bench_model(
+    name: str, *, ort_latency: bool = False, onnx_dir: Path | None = None, progress: Path | None = None
+) -> dict[str, Any]:
+    """Run every stage on one model; returns a flat record (also written to `progress` after each step so
+    the parent can tell where a timed-out or crashed worker was)."""
+    sp = spec_of(name)
+    rec: dict[str, Any] = {
+        "model": name,
+        "input": [1, 3, sp.size, sp.size],
+        "kwargs": sp.kwargs,
+        "status": "running",
+        "stage": "setup",
+        "error": None,
+    }
+
+    def step(stage: str) -> None:
+        rec["stage"] = stage
+        if progress is not None:
+            progress.write_text(json.dumps(rec))
+
+    step("setup")
+    try:
+        _run_stages(name, sp, rec, step, ort_latency, onnx_dir)
+        rec["status"], rec["stage"] = "ok", ""
+    except StageFailure as f:
+        rec.update(
+            status="fail",
+            stage=f.stage,
+            error_type=type(f.exc).__name__,
+            error=_first_line(f.note or str(f.exc)) or type(f.exc).__name__,
+            message=str(f.exc)[:4000],
+            where=_where(f.exc),
+        )
+    if progress is not None:
+        progress.write_text(json.dumps(rec))
+    return rec
+
+
+def _randomize_zero_weights(model) -> list[str]:
+    """Give all-zero conv/linear weights small random values. torchvision zero-initialises ViT heads, whose
+    logits would then be exactly 0 and make the ONNX parity check vacuous; returns the modules changed."""
+    import torch
+    from torch import nn
+
+    changed = []
+    with torch.no_grad():
+        for qual, m in model.named_modules():
+            if isinstance(m, nn.Linear | nn.Conv2d) and not bool(m.weight.any()):
+                nn.init.normal_(m.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+                changed.append(qual)
+    return changed
+
+
+def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir: Path | None) -> None:
+    import torch
+    import torchvision
+
+    import fxslim
+
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, **sp.kwargs).eval()
+        rec["reinit"] = _randomize_zero_weights(model)
+        x = torch.randn(*rec["input"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = tuple(model(x).shape)
+    except Exception as exc:
+        raise StageFailure("setup", exc) from exc
+    rec["output_shape"] = list(want)
+
+    step("analysis")
+    try:
+        t0 = time.perf_counter()
+        dg = fxslim.analyze(model, (x,))
+        rec["analyze_s"] = time.perf_counter() - t0
+    except Exception as exc:
+        raise StageFailure(_stage_of(exc, "analysis"), exc) from exc
+    rec["groups"] = len(dg.groups)
+    rec["prunable_groups"] = len(dg.prunable_groups)
+    rec["unsupported"] = [{"node": u.node, "target": u.target, "reason": u.reason} for u in dg.unsupported]
+    rec["n_unsupported"] = len(dg.unsupported)
+    del dg
+
+    step("rewrite")
+    try:
+        t0 = time.perf_counter()
+        res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": RATIO}])
+        rec["compress_s"] = time.perf_counter() - t0
+    except Exception as exc:
+        raise StageFailure(_stage_of(exc, "rewrite"), exc) from exc
+    first, last = res.report[0], res.report[-1]
+    rec.update(
+        params_before=first.params_before,
+        params_after=last.params_after,
+        macs_before=first.macs_before,
+        macs_after=last.macs_after,
+        params_ratio=last.params_after / first.params_before if first.params_before else None,
+        macs_ratio=last.macs_after / first.macs_before if first.macs_before else None,
+        prune_pass_s=sum(r.seconds for r in res.report),
+        changed=any(r.changed for r in res.report),
+    )
+    try:
+        with torch.no_grad():
+            got = res.module(x)
+    except Exception as exc:
+        raise StageFailure(
+            "rewrite", exc, f"pruned module fails in forward: {type(exc).__name__}: {_first_line(str(exc))}"
+        ) from exc
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise StageFailure("rewrite", ValueError(f"pruned output shape {shape} != original {want}"))
+    if not bool(torch.isfinite(got).all()):
+        raise StageFailure("rewrite", ValueError("pruned module outputs NaN/inf"))
+    rec["out_absmax"] = float(got.abs().max())  # the scale the ONNX error should be read against
+
+    step("export")
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(onnx_dir) if onnx_dir else Path(tmp)
+        path = where / f"{name}_pruned.onnx"
+        try:
+            t0 = time.perf_counter()
+            rec["onnx_err"] = float(fxslim.export_onnx(res.module, (x,), path))
+            rec["export_s"] = time.perf_counter() - t0
+        except Exception as exc:
+            raise StageFailure(_stage_of(exc, "export"), exc) from exc
+        if ort_latency:
+            step("ort-latency")
+            try:  # a latency failure is reported, but it is not a coverage failure
+                base = where / f"{name}_original.onnx"
+                fxslim.export_onnx(model, (x,), base)
+                rec.update(_ort_latency(base, path, x))
+            except Exception as exc:
+                rec["ort_error"] = f"{type(exc).__name__}: {_first_line(str(exc))}"
+
+
+# ---- subprocess guard ------------------------------------------------------------------------------------
+
+
+def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | None, threads: int) -> dict:
+    """Run one model in a fresh interpreter, killed after `timeout` seconds (a slow or crashing model
+    cannot block or take down the run; memory of huge models is returned to the OS in between)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        progress = Path(tmp) / "progress.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            name,
+            "--progress",
+            str(progress),
+            "--threads",
+            str(threads),
+        ]
+        if ort_latency:
+            cmd.append("--ort-latency")
+        if onnx_dir:
+            cmd += ["--onnx-dir", str(onnx_dir)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+            err_tail, rc, timed_out = proc.stderr.strip().splitlines()[-3:], proc.returncode, False
+        except subprocess.TimeoutExpired:
+            err_tail, rc, timed_out = [], None, True
+        wall = time.perf_counter() - t0
+        rec = json.loads(progress.read_text()) if progress.exists() else {"model": name, "stage": "setup"}
+    rec["wall_s"] = wall
+    if timed_out:
+        rec.update(
+            status="fail",
+            error_type="Timeout",
+            error=f"timed out after {timeout:.0f} s during stage {rec.get('stage')!r}",
+            stage=f"timeout/{rec.get('stage')}",
+        )
+    elif rec.get("status") != "ok" and rec.get("status") != "fail":
+        rec.update(
+            status="fail",
+            error_type="Crash",
+            stage=f"crash/{rec.get('stage')}",
+            error=f"worker exited with code {rc} during stage {rec.get('stage')!r}: " + " | ".join(err_tail)[:400],
+        )
+    return rec
+
+
+# ---- reporting -------------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+COLUMNS = ["model", "input", "status", "stage", "seconds", "params", "MACs", "onnx err", "out max", "#unsup", "groups"]
+
+
+def table_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        groups = f"{r['prunable_groups']}/{r['groups']}" if "groups" in r else "-"
+        rows.append(
+            [
+                r["model"],
+                str(r["input"][-1]) if "input" in r else "-",
+                r["status"],
+                r.get("stage") or "",
+                _fmt(r.get("compress_s"), ".2f"),
+                _fmt(r.get("params_ratio"), ".3f"),
+                _fmt(r.get("macs_ratio"), ".3f"),
+                _fmt(r.get("onnx_err"), ".1e"),
+                _fmt(r.get("out_absmax"), ".1e"),
+                _fmt(r.get("n_unsupported"), "d"),
+                groups,
+            ]
+        )
+        if any("ort_ratio" in q for q in records):
+            rows[-1].append(_fmt(r.get("ort_ratio"), ".3f"))
+    return rows
+
+
+def summary_of(records: list[dict], wall: float) -> dict:
+    ok = [r for r in records if r["status"] == "ok"]
+    secs = [r["compress_s"] for r in records if r.get("compress_s") is not None]
+    stages = Counter(r["stage"] for r in records if r["status"] != "ok")
+    return {
+        "summary": True,
+        "ok": len(ok),
+        "total": len(records),
+        "failed_by_stage": dict(stages),
+        "median_compress_s": statistics.median(secs) if secs else None,
+        "median_analyze_s": statistics.median([r["analyze_s"] for r in records if "analyze_s" in r] or [0]),
+        "wall_s": wall,
+    }
+
+
+def text_table(records: list[dict]) -> str:
+    cols = COLUMNS + (["ORT ratio"] if any("ort_ratio" in r for r in records) else [])
+    rows = [cols] + table_rows(records)
+    width = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def failures_text(records: list[dict], md: bool = False) -> list[str]:
+    out = []
+    for r in records:
+        if r["status"] == "ok":
+            continue
+        where = f" ({r['where']})" if r.get("where") else ""
+        if md:
+            out.append(f"- **{r['model']}** — {r['stage']}: `{r.get('error_type')}`: {r['error']}{where}")
+        else:
+            out.append(f"  {r['model']:<22} {r['stage']:<10} {r.get('error_type')}: {r['error']}{where}")
+    return out
+
+
+def unsupported_counts(records: list[dict]) -> Counter:
+    """How many models leave each op target unsupported (targets counted once per model)."""
+    c: Counter = Counter()
+    for r in records:
+        c.update({u["target"] for u in r.get("unsupported", [])})
+    return c
+
+
+def summary_text(s: dict) -> str:
+    med = _fmt(s["median_compress_s"], ".2f")
+    stages = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_stage"].items())) or "none"
+    return (
+        f"{s['ok']} OK of {s['total']} models; failures by stage: {stages}; median analysis+pruning "
+        f"(fxslim.compress) {med} s; wall {s['wall_s']:.0f} s"
+    )
+
+
+def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) -> None:
+    import torch
+    import torchvision
+
+    cols = COLUMNS + (["ORT ratio"] if any("ort_ratio" in r for r in records) else [])
+    lines = [
+        "# fxslim coverage on torchvision classifiers",
+        "",
+        f"Command: `{' '.join(['python', 'tools/bench_coverage.py', *argv])}`  ",
+        f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, {os.cpu_count()} CPU cores ({platform.machine()}), "
+        f"{s.get('threads', 1)} torch thread(s); fxslim at commit {code_version()}.",
+        "",
+        MD_LEGEND.format(ratio=RATIO, size=DEFAULT_SIZE),
+        "",
+        f"**{summary_text(s)}**",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" if i < 4 else "---:" for i in range(len(cols))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(records)]
+    fails = failures_text(records, md=True)
+    lines += ["", "## Failures (stage: first line of the message)", ""] + (fails or ["none"])
+    unsup = unsupported_counts(records)
+    if unsup:
+        lines += ["", "## Unsupported ops (number of models)", ""]
+        lines += [f"- `{t}`: {n}" for t, n in unsup.most_common()]
+    per_model = [
+        f"- {r['model']}: "
+        + ", ".join(f"`{t}` x{n}" for t, n in Counter(u["target"] for u in r["unsupported"]).most_common())
+        for r in records
+        if r.get("unsupported")
+    ]
+    if per_model:
+        lines += ["", "## Unsupported ops per model (target x count)", ""] + per_model
+    special = [
+        f"- {m}: input {sp.size}x{sp.size}" + (f", `{sp.kwargs}`" if sp.kwargs else "") + f" — {sp.why}"
+        for m, sp in SPECIAL.items()
+        if any(r["model"] == m for r in records)
+    ]
+    if special:
+        lines += ["", "## Special inputs", ""] + special
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"the representative subset: {', '.join(QUICK)}")
+    p.add_argument("--models", help="comma-separated model names (default: all torchvision classifiers)")
+    p.add_argument("--json", type=Path, help="append one JSON line per model plus a summary line to this file")
+    p.add_argument(
+        "--write-md",
+        nargs="?",
+        const=REPO / "docs/results/coverage.md",
+        type=Path,
+        help="write the markdown table (default docs/results/coverage.md)",
+    )
+    p.add_argument("--ort-latency", action="store_true", help="also time ORT CPU latency before/after")
+    p.add_argument(
+        "--per-model-timeout",
+        type=float,
+        default=300.0,
+        help="seconds per model in its own subprocess; 0 runs everything in this process",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--onnx-dir", type=Path, help="keep the ONNX files here (default: a temp dir, deleted)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _import_checkout() -> None:
+    """Import fxslim and fxslim.passes (pyproject maps it to passes/) from the checkout this file lives in,
+    so that running a snapshot of the repo measures the snapshot, not the editable install's tree."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO))
+    import fxslim
+
+    if Path(fxslim.__file__).resolve().parent != REPO / "fxslim":
+        raise SystemExit(f"fxslim was imported from {fxslim.__file__}, not from {REPO}")
+    if "fxslim.passes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "fxslim.passes", REPO / "passes" / "__init__.py", submodule_search_locations=[str(REPO / "passes")]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["fxslim.passes"] = mod
+        spec.loader.exec_module(mod)
+        fxslim.passes = mod
+
+
+def code_version() -> str:
+    """Commit of the measured checkout, with `+dirty` when fxslim/ or passes/ differ from it."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "fxslim", "passes") else "")) or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    _import_checkout()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        _quiet()
+        bench_model(args.worker, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir, progress=args.progress)
+        return 0
+
+    from tqdm import tqdm
+
+    known = all_models()
+    names = args.models.split(",") if args.models else QUICK if args.quick else known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"unknown models: {unknown}; valid: {', '.join(known)}", file=sys.stderr)
+        return 2
+    if args.onnx_dir:
+        args.onnx_dir.mkdir(parents=True, exist_ok=True)
+    if args.per_model_timeout <= 0:
+        _quiet()
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    bar = tqdm(names, unit="model", dynamic_ncols=True)
+    for name in bar:
+        bar.set_postfix_str(name)
+        if args.per_model_timeout > 0:
+            rec = run_isolated(name, args.per_model_timeout, args.ort_latency, args.onnx_dir, args.threads)
+        else:
+            t0 = time.perf_counter()
+            rec = bench_model(name, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir)
+            rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        tqdm.write(
+            f"{name}: {rec['status']}"
+            + (f" [{rec['stage']}] {rec['error']}" if rec["status"] != "ok" else f" {rec.get('compress_s', 0):.2f} s")
+        )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with args.json.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+    bar.close()
+    s = summary_of(records, time.perf_counter() - t_start)
+    s["threads"] = args.threads
+    if args.json:
+        with args.json.open("a") as fh:
+            fh.write(json.dumps(s) + "\n")
+    print()
+    print(text_table(records))
+    fails = failures_text(records)
+    if fails:
+        print("\nfailures (stage: first line of the message):")
+        print("\n".join(fails))
+    unsup = unsupported_counts(records)
+    if unsup:
+        print("\nunsupported ops (number of models): " + ", ".join(f"{t} ({n})" for t, n in unsup.most_common()))
+    print("\n" + summary_text(s))
+    if args.write_md:
+        write_markdown(args.write_md, records, s, argv)
+        print(f"wrote {args.write_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

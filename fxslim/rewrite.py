@@ -120,9 +120,10 @@ def _mask(group: Group, keep) -> np.ndarray:
 class _Applier:
     """What a rule's `update` hook may ask while the new graph is being fixed up."""
 
-    def __init__(self, plan: ChannelPlan, old_nodes: dict[str, fx.Node]):
+    def __init__(self, plan: ChannelPlan, old_nodes: dict[str, fx.Node], gm: fx.GraphModule):
         self.plan = plan
         self.old = old_nodes
+        self.gm = gm  # the new module, for updates that swap a submodule
 
     def _old(self, node):
         return self.old.get(node.name) if isinstance(node, fx.Node) else None
@@ -185,6 +186,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     new = clone_gm(gm)
     if [n.name for n in new.graph.nodes] != list(old_nodes):
         raise PassError("apply_plan: the GraphModule is not the one the DependencyGraph was built from")
+    reindexed: list[str] = []
     with torch.no_grad():
         for p in dg.params:
             t = new.get_parameter(p.key) if _is_param(new, p.key) else new.get_buffer(p.key)
@@ -198,13 +200,15 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
                 changed = True
             if changed:
                 _set_tensor(new, p.key, t)
-    applier = _Applier(plan, old_nodes)
+                reindexed.append(p.key)
+    applier = _Applier(plan, old_nodes, new)
     for node in new.graph.nodes:
         rule, mod = rule_for(node, new)
         if rule is None or rule.update is None:
             continue
         touched = [node, *node.all_input_nodes]
-        if any(_changed(plan, dg.values.get(old_nodes[n.name])) for n in touched):
+        owns = node.op == "call_module" and any(k.startswith(f"{node.target}.") for k in reindexed)
+        if owns or any(_changed(plan, dg.values.get(old_nodes[n.name])) for n in touched):
             rule.update(node, mod, applier)
     new.graph.lint()
     new.recompile()

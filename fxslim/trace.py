@@ -15,9 +15,10 @@ from torch import fx, nn
 
 from fxslim.errors import TraceError
 from fxslim.graph.clone import clone_gm, shallow_clone
+from fxslim.modules import SlimMultiheadAttention
 
 # Leaf types registered by adapters (e.g. the e2cnn adapter); fx never looks inside them.
-_REGISTERED_LEAVES: set[type] = set()
+_REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention}
 
 
 def register_leaf(module_type: type) -> None:

@@ -191,8 +191,7 @@ class Builder:
     def param(self, node: fx.Node, attr: str, kinds: list, roles: list, like: list | None = None) -> list:
         """Ids of the dims of parameter `attr` of the module called by `node` (shared modules share ids)."""
         key = f"{node.target}.{attr}"
-        tensor = getattr(self.gm.get_submodule(node.target), attr)
-        return self._param(key, tensor, kinds, roles, like)
+        return self._param(key, _tensor_at(self.gm, key), kinds, roles, like)
 
     def _param(self, key: str, tensor, kinds: list, roles: list, like: list | None) -> list:
         roles = list(roles) + [None] * (tensor.dim() - len(roles))
@@ -212,6 +211,17 @@ class Builder:
                 ids.append(None)
         self.params[key] = ParamDims(key, ids, roles)
         return ids
+
+
+def _tensor_at(gm: fx.GraphModule, key: str):
+    """The parameter or buffer at a qualified name (None when it is neither)."""
+    try:
+        return gm.get_parameter(key)
+    except AttributeError:
+        try:
+            return gm.get_buffer(key)
+        except AttributeError:
+            return None
 
 
 def _flat_ids(value) -> Iterable[np.ndarray]:
@@ -253,13 +263,7 @@ def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> Non
             for a in node.all_input_nodes:
                 b.freeze_value(a, f"reaches the model output through {a.name!r}")
         elif node.op == "get_attr":
-            try:
-                tensor = gm.get_parameter(node.target)
-            except AttributeError:
-                try:
-                    tensor = gm.get_buffer(node.target)
-                except AttributeError:
-                    tensor = None
+            tensor = _tensor_at(gm, node.target)
             ids = None
             if tensor is not None and b.shape(node) is not None:
                 ids = b._param(node.target, tensor, [SLICE] * tensor.dim(), ["param"] * tensor.dim(), None)
@@ -347,11 +351,13 @@ def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[s
     bounds = np.searchsorted(gidx[order], np.arange(len(per_group) + 1))
 
     members: list[list[Member]] = [[] for _ in per_group]
-    for node, value in b.values.items():
-        for k, ids in _dims_of(value):
-            for g in np.unique(atom_group[label[ids]]):
-                if g >= 0:
-                    members[g].append(Member(node.name, k, len(ids)))
+    dims = [(node.name, k, ids) for node, value in b.values.items() for k, ids in _dims_of(value)]
+    # parameters whose dims live in no graph value (e.g. attention heads inside a leaf module) count too
+    dims += [(p.key, k, ids) for p in b.params.values() for k, ids in enumerate(p.ids) if ids is not None]
+    for name, k, ids in dims:
+        for g in np.unique(atom_group[label[ids]]):
+            if g >= 0:
+                members[g].append(Member(name, k, len(ids)))
 
     dg = DependencyGraph(gm, b.values, label, atom_group, [], unsupported, list(b.params.values()), example_inputs)
     for g in range(len(per_group)):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxslim.modules import SlimMultiheadAttention
+
 FIXED, CHANNEL, SLICE = 0, 1, 2  # kinds of index: never prunable / a prunable channel / a parameter dim
 
 Ids = list  # one int64 numpy array of index ids per tensor dim
@@ -590,20 +592,54 @@ def embedding_update(node, mod, b):
     mod.embedding_dim = mod.weight.shape[1]
 
 
-def multihead_attention(b, node, mod):
-    """nn.MultiheadAttention ties its embedding dim to its internal head layout: the embedding dim is
-    frozen (whole-head pruning needs the module replaced, not sliced); batch/sequence dims pass."""
+def _attention_inputs(node: fx.Node) -> list:
+    return [_arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
+
+
+def _freeze_attention(b, node, reason: str):
     q = b.ids(_arg(node, 0, "query"))
-    if q is None:
-        return None
     for a in node.all_input_nodes:
         ids = b.ids(a)
         if ids is not None:
-            b.freeze(ids[-1], f"{node.name}: nn.MultiheadAttention embedding dim (heads are not sliceable)")
+            b.freeze(ids[-1], f"{node.name}: {reason}")
     shapes = b.shapes(node)
-    out = list(q[:-1]) + [b.fresh_dim(q[-1].shape[0], FIXED)]
+    out = list(q[:-1]) + [b.fresh_dim(len(q[-1]), FIXED)]
     weights = None if shapes is None or shapes[1] is None else [b.fresh_dim(s, FIXED) for s in shapes[1]]
     return (out, weights)
+
+
+def multihead_attention(b, node, mod):
+    """nn.MultiheadAttention (packed q/k/v): a head is one channel of the q, k and v rows; input columns
+    follow the query/key/value inputs; the output projection's rows are a new channel space. Any change
+    turns the module into a SlimMultiheadAttention (see update). Frozen when the attention weights are used,
+    when k/v have their own widths, or with bias_k / add_zero_attn."""
+    q, k, v = (b.ids(a) for a in _attention_inputs(node))
+    if q is None or k is None or v is None:
+        return None
+    weights_used = any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
+    if getattr(mod, "in_proj_weight", None) is None or getattr(mod, "bias_k", None) is not None \
+            or getattr(mod, "add_zero_attn", False) or weights_used:
+        return _freeze_attention(b, node, "attention with separate k/v widths, bias_k or used weights")
+    heads = mod.num_heads
+    head_dim = mod.in_proj_weight.shape[0] // 3 // heads
+    per_head = np.repeat(b.fresh_dim(heads, CHANNEL), head_dim)
+    w = b.param(node, "in_proj_weight", [None, SLICE], ["out", "in"], like=[np.tile(per_head, 3), None])
+    if mod.in_proj_bias is not None:
+        b.param(node, "in_proj_bias", [None], ["out"], like=[w[0]])
+    for x in (q, k, v):
+        b.unify(x[-1], w[1])
+    o = b.param(node, "out_proj.weight", [CHANNEL, None], ["out", "in"], like=[None, w[0][: len(per_head)]])
+    if mod.out_proj.bias is not None:
+        b.param(node, "out_proj.bias", [None], ["out"], like=[o[0]])
+    return (list(q[:-1]) + [o[0]], None)  # the weights are unused (else frozen above); the rewrite drops them
+
+
+def multihead_attention_update(node, mod, b):
+    """Heads or widths changed: nn.MultiheadAttention cannot hold that, so the node's module becomes a
+    SlimMultiheadAttention over the re-indexed parameters (whole heads go, so head_dim stays)."""
+    mod.num_heads = mod.in_proj_weight.shape[0] // 3 // mod.head_dim
+    parent, _, attr = str(node.target).rpartition(".")
+    setattr(b.gm.get_submodule(parent) if parent else b.gm, attr, SlimMultiheadAttention.from_module(mod))
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -638,7 +674,8 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Embedding: Rule(embedding, embedding_update),
     nn.Flatten: Rule(reshape),
     nn.Unflatten: Rule(reshape),
-    nn.MultiheadAttention: Rule(multihead_attention),
+    nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
+    SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
     **{t: Rule(spatial(n) if n else spatial(2)) for t, n in _POOLS.items()},
 }

@@ -403,3 +403,65 @@ def test_reshape_to_a_computed_shape_object_is_left_to_run_time():
     dg = fxslim.analyze(gm, (x,))
     new = remove_channels(gm, _group(dg, "a"), [0, 3])
     torch.testing.assert_close(new.c.weight, model.c.weight[:, [0, 1, 6, 7]])
+
+
+class MHABlock(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.inp = nn.Linear(16, 16)  # the residual stream starts here (a model input is never pruned)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.attn(x, x, x)[0]
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_removed_whole(batch_first):
+    from fxslim.modules import SlimMultiheadAttention
+
+    torch.manual_seed(0)
+    model = MHABlock(batch_first).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    heads = [g for g in dg.prunable_groups if g.size == 4]
+    assert len(heads) == 1 and {m.node for m in heads[0].members} == {"attn.in_proj_weight", "attn.in_proj_bias",
+                                                                    "attn.out_proj.weight"}
+    # heads 1 and 3 made dead: their value rows are zero, so removing them is exact
+    with torch.no_grad():
+        for h in (1, 3):
+            model.attn.in_proj_weight[32 + 4 * h : 32 + 4 * h + 4] = 0
+            model.attn.in_proj_bias[32 + 4 * h : 32 + 4 * h + 4] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    g = next(g for g in dg.prunable_groups if g.size == 4)
+    new = remove_channels(gm, g, [0, 2])
+    assert isinstance(new.attn, SlimMultiheadAttention) and new.attn.num_heads == 2 and new.attn.head_dim == 4
+    assert tuple(new.attn.in_proj_weight.shape) == (24, 16) and new.attn.out_proj.in_features == 8
+    torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=0)
+    # a second round analyses the replacement module with the same rule
+    dg2 = fxslim.analyze(new, (x,))
+    assert sorted(g.size for g in dg2.prunable_groups) == [2, 16, 32]
+
+
+def test_multihead_attention_stream_and_mlp_prune_together():
+    model = MHABlock().eval()
+    x = torch.randn(2, 5, 16)
+    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+    assert res.module(x).shape == (2, 5, 3)
+    assert res.module.attn.in_proj_weight.shape == (24, 8)  # 2 heads of 4, stream 16 -> 8
+
+
+def test_used_attention_weights_freeze_the_heads():
+    class Weights(MHABlock):
+        def forward(self, x):
+            y, w = self.attn(self.inp(x), x, x)
+            return self.head(x + y), w
+
+    dg = fxslim.analyze(Weights(), (torch.randn(2, 5, 16),))
+    assert not any(g.size == 4 and g.prunable for g in dg.groups)

@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m fxslim.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check fxslim passes tests tools

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any
 
 import torch
 from torch import fx, nn
 
 from fxslim.errors import PassError, RecipeError
 from fxslim.pass_api import PassContext, PassResult
+from fxslim.training import split_batch
 
 NAME = "bn_recalibrate"
 
@@ -76,18 +76,6 @@ def run(
     ctx.debug("bn_recalibrate: %d BN layers on %d batches (unreached: %s)", len(bns), used, unused)
     record = {"bn_layers": len(bns) - len(unused), "batches": used, "momentum": momentum, "unused": unused}
     return PassResult(gm, changed=len(unused) < len(bns), record=record)
-
-
-def split_batch(batch: Any) -> tuple[tuple, Any]:
-    """(model inputs, target or None) of one data batch: `(x, y)`, `[x, y]`, `x`, or `((x1, x2), y)`."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise PassError("an empty batch in ctx.data")
-        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-    else:
-        x, y = batch, None
-    inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    return inputs, y
 
 
 def _device_of(gm: nn.Module) -> torch.device:

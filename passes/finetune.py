@@ -14,19 +14,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from tqdm import tqdm
+from torch import fx
 
 from fxslim.errors import PassError, RecipeError
 from fxslim.pass_api import PassContext, PassResult
-
-from .bn_recalibrate import split_batch  # one reading of a batch for all passes that consume data
+from fxslim.training import OPTIMIZERS, SCHEDULERS, fit, fit_record_empty
 
 NAME = "finetune"
 
-_OPTIMIZERS = ("adam", "sgd")
-_SCHEDULERS = (None, "step", "cosine", "plateau")
 
 
 def run(
@@ -89,130 +84,22 @@ def run(
     gm = copy.deepcopy(gm)
     home = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
     gm.to(ctx.device)
-    params = [p for p in gm.parameters() if p.requires_grad]
-    if not params or epochs == 0:
+    if not any(p.requires_grad for p in gm.parameters()) or epochs == 0:
         gm.eval().to(home)
-        record = _record(0, 0, None, None, None, False)
-        return PassResult(gm, changed=False, record=record)
+        return PassResult(gm, changed=False, record=fit_record_empty())
     # A copy of the teacher: moving or switching the reference to eval would mutate the caller's model.
     teacher = copy.deepcopy(ctx.reference).to(ctx.device).eval() if kd_temperature is not None else None
-    loss_fn = _Loss(teacher, kd_temperature, kd_alpha)
     needs_val = patience is not None or scheduler == "plateau"
-
-    # fork_rng: seeding here must not change the random stream of whatever runs after the pass.
-    cuda = [ctx.device.index or 0] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(ctx.seed)
-        opt = _make_optimizer(params, optimizer, lr, weight_decay)
-        sched = _make_scheduler(opt, scheduler, epochs, step_size, gamma)
-        best_score, best_acc, best_state, bad_epochs = -math.inf, None, None, 0
-        steps, train_loss, train_acc, stopped_early = 0, None, None, False
-        bar = tqdm(range(epochs), desc="finetune", disable=None, leave=False)
-        epoch = 0
-        for epoch in bar:
-            train, val = _split_epoch(data, needs_val, val_fraction, max_batches_per_epoch)
-            train_loss, train_acc, n = _train_epoch(gm, train, loss_fn, opt, ctx.device)
-            steps += n
-            postfix: dict[str, Any] = {"loss": f"{train_loss:.4f}"}
-            if train_acc is not None:
-                postfix["acc"] = f"{train_acc:.3f}"
-            val_loss = val_acc = None
-            if needs_val:
-                val_loss, val_acc = _evaluate(gm, val, loss_fn, ctx.device)
-                if val_acc is not None:
-                    postfix["val_acc"] = f"{val_acc:.3f}"
-                    best_acc = val_acc if best_acc is None else max(best_acc, val_acc)
-            bar.set_postfix(postfix)
-            if scheduler == "plateau":
-                sched.step(val_loss)
-            elif sched is not None:
-                sched.step()
-            if patience is None:
-                continue
-            # Accuracy when targets are class indices; otherwise the lower validation loss wins.
-            score = val_acc if val_acc is not None else -val_loss
-            if score > best_score:
-                best_score, bad_epochs = score, 0
-                best_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-            else:
-                bad_epochs += 1
-                if bad_epochs >= patience:
-                    stopped_early = epoch + 1 < epochs
-                    break
-        bar.close()
-    if best_state is not None:
-        gm.load_state_dict(best_state)
+    record = fit(
+        gm,
+        lambda epoch: _split_epoch(data, needs_val, val_fraction, max_batches_per_epoch),
+        epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler,
+        step_size=step_size, gamma=gamma, teacher=teacher, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+        patience=patience, seed=ctx.seed, device=ctx.device, desc=NAME,
+    )
     gm.eval().to(home)
-    record = _record(epoch + 1, steps, train_loss, train_acc, best_acc, stopped_early)
     ctx.debug("finetune: %s", record)
-    return PassResult(gm, changed=steps > 0, record=record)
-
-
-class _Loss:
-    """Cross entropy on the labels, blended with the distillation term when a teacher is given.
-
-    Hinton, Vinyals & Dean 2015, Sec. 2: L = (1 - a) CE(s, y) + a T^2 KL(softmax(t / T) || softmax(s / T)).
-    """
-
-    def __init__(self, teacher: nn.Module | None, temperature: float | None, alpha: float) -> None:
-        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
-
-    def __call__(self, logits: torch.Tensor, inputs: tuple, y: torch.Tensor | None) -> torch.Tensor:
-        if self.teacher is None:
-            if y is None:
-                raise PassError(f"pass {NAME!r}: batches carry no targets; give (x, y) batches or set kd_temperature")
-            return F.cross_entropy(logits, y)
-        with torch.no_grad():
-            teacher_logits = _logits(self.teacher(*inputs))
-        t = self.temperature
-        kd = F.kl_div(
-            F.log_softmax(logits / t, dim=1),
-            F.log_softmax(teacher_logits / t, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        ) * (t * t)  # T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton, Sec. 2)
-        if y is None:  # unlabelled data: pure distillation
-            return kd
-        return (1.0 - self.alpha) * F.cross_entropy(logits, y) + self.alpha * kd
-
-
-def _train_epoch(
-    gm: nn.Module, batches: list, loss_fn: _Loss, opt: torch.optim.Optimizer, device: torch.device
-) -> tuple[float, float | None, int]:
-    """One pass over `batches`; returns (mean loss, accuracy or None, optimizer steps)."""
-    gm.train()
-    total_loss, correct, count, scored = 0.0, 0, 0, 0
-    for batch in batches:
-        inputs, y = _to_device(batch, device)
-        logits = _logits(gm(*inputs))
-        loss = loss_fn(logits, inputs, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n = logits.shape[0]
-        total_loss += float(loss.detach()) * n
-        count += n
-        if _is_class_index(y):
-            correct += int((logits.detach().argmax(1) == y).sum())
-            scored += y.numel()
-    return total_loss / count, (correct / scored if scored else None), len(batches)
-
-
-def _evaluate(gm: nn.Module, batches: list, loss_fn: _Loss, device: torch.device) -> tuple[float, float | None]:
-    """(mean loss, accuracy or None) of `gm` in eval mode on `batches`."""
-    gm.eval()
-    total_loss, correct, count, scored = 0.0, 0, 0, 0
-    with torch.no_grad():
-        for batch in batches:
-            inputs, y = _to_device(batch, device)
-            logits = _logits(gm(*inputs))
-            n = logits.shape[0]
-            total_loss += float(loss_fn(logits, inputs, y)) * n
-            count += n
-            if _is_class_index(y):
-                correct += int((logits.argmax(1) == y).sum())
-                scored += y.numel()
-    return total_loss / count, (correct / scored if scored else None)
+    return PassResult(gm, changed=record["steps"] > 0, record=record)
 
 
 def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batches: int | None) -> tuple[list, list]:
@@ -237,51 +124,6 @@ def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batch
             "a list or a DataLoader, not a generator)"
         )
     return train, val
-
-
-def _to_device(batch: Any, device: torch.device) -> tuple[tuple, torch.Tensor | None]:
-    inputs, y = split_batch(batch)
-    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    return inputs, (y.to(device) if isinstance(y, torch.Tensor) else y)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise PassError(f"pass {NAME!r}: the model must return a logits tensor, got {type(out).__name__}")
-    return out
-
-
-def _is_class_index(y: Any) -> bool:
-    return isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex()
-
-
-def _make_optimizer(params: list, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-
-
-def _make_scheduler(opt: torch.optim.Optimizer, name: str | None, epochs: int, step_size: int, gamma: float) -> Any:
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=10)
-    return None
-
-
-def _record(
-    epochs: int, steps: int, loss: float | None, acc: float | None, best_val_acc: float | None, stopped: bool
-) -> dict:
-    return {
-        "epochs": epochs,
-        "steps": steps,
-        "final_train_loss": loss,
-        "final_train_acc": acc,
-        "best_val_acc": best_val_acc,
-        "stopped_early": stopped,
-    }
 
 
 def _check_options(
@@ -310,9 +152,9 @@ def _check_options(
     problems = [
         (is_int(epochs) and epochs >= 0, f"epochs must be an integer >= 0, got {epochs!r}"),
         (is_num(lr) and lr >= 0, f"lr must be >= 0, got {lr!r}"),
-        (optimizer in _OPTIMIZERS, f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}"),
+        (optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}"),
         (is_num(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}"),
-        (scheduler in _SCHEDULERS, f"scheduler must be one of {_SCHEDULERS}, got {scheduler!r}"),
+        (scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}"),
         (is_int(step_size) and step_size >= 1, f"step_size must be an integer >= 1, got {step_size!r}"),
         (is_num(gamma) and 0 < gamma <= 1, f"gamma must be in (0, 1], got {gamma!r}"),
         (

@@ -268,6 +268,9 @@ def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> Non
             if tensor is not None and b.shape(node) is not None:
                 ids = b._param(node.target, tensor, [SLICE] * tensor.dim(), ["param"] * tensor.dim(), None)
             b.values[node] = ids
+        elif all(b.raw(a) is None for a in node.all_input_nodes) and node.op != "call_module":
+            # Python arithmetic on sizes, or a new constant tensor (torch.zeros(n)): nothing to couple
+            b.values[node] = _fresh_like_meta(b, node)
         else:
             rule, mod = rule_for(node, gm)
             out = rule.couple(b, node, mod) if rule is not None else None

@@ -178,7 +178,7 @@ def permute(b, node, mod=None):
         return None
     rank = len(x)
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("transpose", "swapaxes"):
+    if name in ("transpose", "swapaxes", "swapdims"):
         d0, d1 = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
         order = list(range(rank))
         order[d0], order[d1] = order[d1], order[d0]
@@ -345,6 +345,8 @@ def getitem(b, node, mod=None):
     x = b.ids(base)
     if x is None:
         return no_tensor(b, node)
+    if isinstance(node.args[1], fx.Node) and b.is_tensor(node.args[1]):
+        return gather_rows(b, node)
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
         return None
@@ -428,6 +430,37 @@ def sdpa(b, node, mod=None):
     batch = _broadcast(b, q[:-2], k[:-2], shape[:-2])
     _broadcast(b, batch, v[:-2], shape[:-2])
     return batch + [q[-2], v[-1]]
+
+
+def einsum(b, node, mod=None):
+    """torch.einsum: every occurrence of one subscript letter is the same index (contracted letters too)."""
+    eq = node.args[0]
+    operands = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return None
+    lhs, out_letters = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    xs = [b.ids(o) for o in operands]
+    if len(terms) != len(xs) or any(x is None or len(x) != len(t) for x, t in zip(xs, terms, strict=False)):
+        return None
+    seen: dict[str, np.ndarray] = {}
+    for term, x in zip(terms, xs, strict=True):
+        for letter, ids in zip(term, x, strict=True):
+            if letter not in seen or len(seen[letter]) == 1:
+                seen[letter] = ids
+            elif len(ids) == len(seen[letter]):
+                b.unify(seen[letter], ids)
+    return [seen[letter] for letter in out_letters]
+
+
+def gather_rows(b, node, mod=None):
+    """`table[index]` with an integer index tensor: rows are picked (dim 0 frozen), other dims pass."""
+    x, idx = b.ids(node.args[0]), b.ids(node.args[1])
+    shape = b.shape(node)
+    if x is None or idx is None or shape is None:
+        return None
+    b.freeze(x[0], f"{node.name}: rows picked by an index tensor")
+    return [b.fresh_dim(s, FIXED) for s in shape[: len(idx)]] + list(x[1:])
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -704,7 +737,10 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.squeeze: Rule(reshape),
     torch.unsqueeze: Rule(reshape),
     torch.transpose: Rule(permute),
+    torch.swapaxes: Rule(permute),
+    torch.swapdims: Rule(permute),
     torch.permute: Rule(permute),
+    torch.einsum: Rule(einsum),
     torch.split: Rule(split, split_update),
     torch.chunk: Rule(split, split_update),
     operator.getitem: Rule(getitem, getitem_update),
@@ -736,6 +772,8 @@ METHOD_RULES: dict[str, Rule] = {
     "unsqueeze": Rule(reshape),
     "permute": Rule(permute),
     "transpose": Rule(permute),
+    "swapaxes": Rule(permute),
+    "swapdims": Rule(permute),
     "chunk": Rule(split, split_update),
     "split": Rule(split, split_update),
     "expand": Rule(expand, expand_update),

@@ -465,3 +465,38 @@ def test_used_attention_weights_freeze_the_heads():
 
     dg = fxslim.analyze(Weights(), (torch.randn(2, 5, 16),))
     assert not any(g.size == 4 and g.prunable for g in dg.groups)
+
+
+def test_einsum_gather_and_size_arithmetic_have_rules():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(6, 8)
+            self.out = nn.Linear(8, 3)
+            self.table = nn.Parameter(torch.randn(5, 8))
+            self.register_buffer("index", torch.tensor([0, 2, 4, 1]))
+
+        def forward(self, x):  # x: (B, T, 6)
+            q, k = self.a(x), self.b(x)
+            scores = torch.einsum("b i d, b j d -> b i j", q, k) / (x.shape[-1] * 2)
+            y = torch.einsum("bij,bjd->bid", scores.softmax(-1), k) + self.table[self.index]
+            return self.out(y.swapaxes(0, 1).swapaxes(0, 1))
+
+    x = torch.randn(2, 4, 6)
+    model = Mix().eval()
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    assert dg.unsupported == []
+    g = _group(dg, "a", 2)  # q and k (contracted over d), the table's columns and out's inputs
+    assert dg.group_of("b", 2) is g and g.size == 8 and ("table", 1) in _members(g)
+    assert ("table", 0) not in _members(g)  # rows picked by the index tensor stay whole
+    with torch.no_grad():  # channels 4..7 dead everywhere: removing them is exact
+        for t in (model.a.weight, model.a.bias, model.b.weight, model.b.bias):
+            t[4:] = 0
+        model.table[:, 4:] = 0
+        model.out.weight[:, 4:] = 0
+    gm = fxslim.trace(model)
+    new = remove_channels(gm, _group(fxslim.analyze(gm, (x,)), "a", 2), [0, 1, 2, 3])
+    assert new.table.shape == (5, 4) and new.out.in_features == 4
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)

@@ -91,6 +91,35 @@ def ort_run(session: ort.InferenceSession, inputs: Any) -> list[np.ndarray]:
     return session.run(None, {f.name: a for f, a in zip(feeds, arrays, strict=True)})
 
 
+def ort_latency(paths: dict[str, str | Path], inputs: Any, *, budget_s: float = 3.0, min_samples: int = 7,
+                max_samples: int = 201) -> dict[str, float]:
+    """Median process CPU seconds of one run of each ONNX file on `inputs`, one intra-op thread.
+
+    The files run interleaved (A B C, then C B A, ...) so that machine drift hits all of them alike, and
+    each sample times enough back-to-back runs (at least ~2 ms of CPU) to rise above the timer resolution.
+    Process CPU time with one thread varied by about ±2% between runs here, where wall-time ratios did
+    not (FACTS.md). The number of samples is chosen to fit `budget_s`."""
+    sessions = {name: ort_session(path, threads=1) for name, path in paths.items()}
+    for s in sessions.values():  # warm-up: the first runs allocate buffers and pick kernels
+        ort_run(s, inputs)
+        ort_run(s, inputs)
+    t0 = time.process_time()
+    for s in sessions.values():
+        ort_run(s, inputs)
+    round_s = max(time.process_time() - t0, 1e-6)
+    inner = max(1, int(0.002 / (round_s / len(sessions))))
+    reps = int(min(max_samples, max(min_samples, budget_s / (round_s * inner))))
+    names = list(sessions)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.process_time()
+            for _ in range(inner):
+                ort_run(sessions[name], inputs)
+            samples[name].append((time.process_time() - t0) / inner)
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
 def op_counts(path: str | Path, *, optimized: bool = True) -> dict[str, int]:
     """Count node op types of an ONNX file; with ``optimized`` count the graph ORT runs after its fusions."""
     if not optimized:

@@ -209,3 +209,13 @@ def test_torchvision_parity(tmp_path, name, traced):
 
     assert report.exporter == "torchscript"
     assert report.max_abs_error < 1e-4 * max(1.0, scale)
+
+
+def test_ort_latency_returns_a_median_per_file(tmp_path):
+    from fxslim.export import ort_latency
+
+    x = torch.randn(1, 3, 8, 8)
+    export_onnx(_small_net(), x, tmp_path / "a.onnx")
+    export_onnx(_small_net(), x, tmp_path / "b.onnx")
+    t = ort_latency({"a": tmp_path / "a.onnx", "b": tmp_path / "b.onnx"}, x, budget_s=0.2)
+    assert sorted(t) == ["a", "b"] and all(0 < v < 1 for v in t.values())

@@ -27,19 +27,24 @@ class CompressResult:
 
     def summary(self) -> str:
         """A printable table: one row per pass with params/MACs before → after, time and whether it changed."""
-        head = f"{'pass':<18}{'params':>24}{'MACs':>30}{'seconds':>10}  changed"
-        lines = [head, "-" * len(head)]
-        for r in self.report:
-            params = f"{r.params_before:,} -> {r.params_after:,}"
-            macs = f"{r.macs_before:,} -> {r.macs_after:,}"
-            lines.append(f"{r.name:<18}{params:>24}{macs:>30}{r.seconds:>10.2f}  {'yes' if r.changed else 'no'}")
+        rows = [(r.name, f"{r.params_before:,} -> {r.params_after:,}", f"{r.macs_before:,} -> {r.macs_after:,}",
+                 f"{r.seconds:.2f}", "yes" if r.changed else "no") for r in self.report]
         if self.report:
             first, last = self.report[0], self.report[-1]
-            lines.append("-" * len(head))
-            lines.append(f"{'total':<18}{_ratio(first.params_before, last.params_after):>24}"
-                         f"{_ratio(first.macs_before, last.macs_after):>30}"
-                         f"{sum(r.seconds for r in self.report):>10.2f}")
-        return "\n".join(lines)
+            rows.append(("total", _ratio(first.params_before, last.params_after),
+                         _ratio(first.macs_before, last.macs_after), f"{sum(r.seconds for r in self.report):.2f}", ""))
+        head = ("pass", "params", "MACs", "seconds", "changed")
+        widths = [max(len(row[i]) for row in [head, *rows]) for i in range(5)]
+
+        def line(row) -> str:
+            return "  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in
+                             enumerate(zip(row, widths, strict=True))).rstrip()
+
+        rule = "-" * len(line(head))
+        body = [line(r) for r in rows]
+        if self.report:
+            body.insert(len(body) - 1, rule)
+        return "\n".join([line(head), rule, *body])
 
 
 def _ratio(before: int, after: int) -> str:

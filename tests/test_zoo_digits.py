@@ -1,8 +1,7 @@
-"""The digits dataset and DigitsResNet of the zoo, and the demo that uses both (`make demo`)."""
+"""The digits dataset and DigitsResNet of the zoo."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import fx
 
@@ -45,16 +44,3 @@ def test_digits_resnet_couples_stem_and_first_block_channels():
     assert dg.group_of("stem_0") is dg.group_of("layer1_conv2")  # identity shortcut ties them
     assert dg.group_of("layer2_conv2") is dg.group_of("layer2_downsample_0")  # so does the projection
     assert not dg.unsupported
-
-
-@pytest.mark.slow
-def test_demo_quick_runs_end_to_end(tmp_path, capsys):
-    from fxslim.demo import main
-
-    threads = torch.get_num_threads()
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
-    assert torch.get_num_threads() == threads
-    out = capsys.readouterr().out
-    assert "test accuracy" in out and "ORT latency" in out and "MACs (batch 1)" in out
-    assert (tmp_path / "model.onnx").exists() and (tmp_path / "ir" / "000_input.txt").exists()
-    assert len(list((tmp_path / "ir").glob("*.txt"))) == 4

@@ -281,7 +281,7 @@ def _split(b, ids: np.ndarray, sizes: list[int], trailing: bool) -> list[np.ndar
         return [ids if (k in live or (not live and k == 0)) else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
     # A split that ends the shape is a feature dim cut into heads (..., heads, head_dim): a head is the unit.
     # Otherwise (channel shuffle: N, groups, C/groups, H, W) the largest part keeps fine-grained channels.
-    carrier = live[0] if trailing else max(live, key=lambda k: (sizes[k], k))
+    carrier = live[0] if trailing else max(live, key=lambda k: (sizes[k], -k))  # ties: the outer part
     grid = np.moveaxis(ids.reshape(sizes), carrier, -1).reshape(-1, sizes[carrier])
     b.unify(grid, np.broadcast_to(grid[:1], grid.shape))
     return [grid[0] if k == carrier else b.fresh_dim(s, FIXED) for k, s in enumerate(sizes)]
@@ -313,10 +313,22 @@ def _update_sizes(node: fx.Node, b) -> None:
 
 
 def reshape_update(node, mod, b):
-    """Give view/reshape the new sizes of the dims that changed."""
+    """Give view/reshape/unflatten the new sizes of the dims that changed."""
+    if mod is not None:  # nn.Unflatten
+        if isinstance(mod, nn.Unflatten):
+            d = _norm_dim(mod.dim, len(b.new_shapes(node.args[0])))
+            mod.unflattened_size = tuple(b.new_shapes(node)[d : d + len(mod.unflattened_size)])
+        return
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name in ("view", "reshape"):
         _update_sizes(node, b)
+    elif name == "unflatten":
+        d = _norm_dim(_arg(node, 1, "dim"), len(b.new_shapes(node.args[0])))
+        sizes = list(_arg(node, 2, "sizes"))
+        old = node.meta["tensor_meta"].shape[d : d + len(sizes)]
+        new = _resized(sizes, old, b.new_shapes(node)[d : d + len(sizes)])
+        node.args = (node.args[0], _arg(node, 1, "dim"), tuple(new))
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "sizes")}
 
 
 def expand(b, node, mod=None):
@@ -706,7 +718,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.PReLU: Rule(prelu, prelu_update),
     nn.Embedding: Rule(embedding, embedding_update),
     nn.Flatten: Rule(reshape),
-    nn.Unflatten: Rule(reshape),
+    nn.Unflatten: Rule(reshape, reshape_update),
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
@@ -767,7 +779,7 @@ METHOD_RULES: dict[str, Rule] = {
     "view": Rule(reshape, reshape_update),
     "reshape": Rule(reshape, reshape_update),
     "flatten": Rule(reshape),
-    "unflatten": Rule(reshape),
+    "unflatten": Rule(reshape, reshape_update),
     "squeeze": Rule(reshape),
     "unsqueeze": Rule(reshape),
     "permute": Rule(permute),

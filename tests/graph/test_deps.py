@@ -500,3 +500,28 @@ def test_einsum_gather_and_size_arithmetic_have_rules():
     new = remove_channels(gm, _group(fxslim.analyze(gm, (x,)), "a", 2), [0, 1, 2, 3])
     assert new.table.shape == (5, 4) and new.out.in_features == 4
     torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fields", [4, 6])
+def test_unflatten_into_groups_keeps_whole_groups(fields):
+    """Group pooling (max over the 4 members of each field): a field is the unit, the literal 4 stays."""
+
+    class GroupPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4 * fields, 3, padding=1)
+            self.fc = nn.Linear(fields, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).unflatten(1, (-1, 4)).amax(2).mean((2, 3)))
+
+    model = GroupPool().eval()
+    x = torch.randn(2, 1, 6, 6)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    g = _group(dg, "conv")
+    assert g.size == fields  # one unit per field of 4 channels
+    new = remove_channels(gm, g, [0, 2])
+    assert new.conv.out_channels == 8 and new.fc.in_features == 2
+    assert _nodes(new)["unflatten"].args[2] == (-1, 4)
+    torch.testing.assert_close(new.conv.weight, model.conv.weight[[0, 1, 2, 3, 8, 9, 10, 11]])

@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 import torch
-from fxslim.passes import prune_channels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxslim
 from fxslim.graph.deps import DependencyGraph, Group, analyze
 from fxslim.pass_api import PassContext
+from fxslim.passes import prune_channels
 from fxslim.rewrite import ChannelPlan, apply_plan
 from fxslim.zoo.randnet import BLOCKS, HEADS, RandomNet, Spec, randomize_bn
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fxslim.passes import bn_recalibrate
 from torch import fx, nn
 
 from fxslim.errors import PassError, RecipeError
 from fxslim.pass_api import PassContext
+from fxslim.passes import bn_recalibrate
 
 MU = torch.tensor([1.0, -2.0, 0.5, 3.0])
 SIGMA = torch.tensor([0.5, 2.0, 1.0, 3.0])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fxslim.passes import finetune
 from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fxslim.errors import PassError, RecipeError
 from fxslim.pass_api import PassContext
+from fxslim.passes import finetune
 
 
 def blobs(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fxslim.passes import fold_bn
 from torch import fx, nn
 
 from fxslim.pass_api import PassContext
+from fxslim.passes import fold_bn
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

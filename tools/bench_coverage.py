@@ -145,29 +145,6 @@ def _stage_of(exc: BaseException, step: str) -> str:
     return step
 
 
-def _ort_latency(before: Path, after: Path, x, budget_s: float = 3.0) -> dict[str, float]:
-    """Median ORT CPU time (process_time, 1 intra-op thread) of the two files, runs interleaved A/B."""
-    from fxslim.export import ort_run, ort_session
-
-    sessions = [ort_session(before, threads=1), ort_session(after, threads=1)]
-    feed = x.numpy()
-    for s in sessions:  # warm-up: first runs allocate and pick kernels
-        ort_run(s, feed)
-        ort_run(s, feed)
-    t0 = time.process_time()
-    ort_run(sessions[0], feed)
-    one = max(time.process_time() - t0, 1e-4)
-    pairs = int(min(50, max(5, budget_s / (2 * one))))
-    times: list[list[float]] = [[], []]
-    for _ in range(pairs):
-        for k, s in enumerate(sessions):
-            t0 = time.process_time()
-            ort_run(s, feed)
-            times[k].append(time.process_time() - t0)
-    ms = [statistics.median(t) * 1e3 for t in times]
-    return {"ort_ms_before": ms[0], "ort_ms_after": ms[1], "ort_ratio": ms[1] / ms[0], "ort_pairs": pairs}
-
-
 def bench_model(
     name: str, *, ort_latency: bool = False, onnx_dir: Path | None = None, progress: Path | None = None
 ) -> dict[str, Any]:
@@ -249,6 +226,7 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
     rec["prunable_groups"] = len(dg.prunable_groups)
     rec["unsupported"] = [{"node": u.node, "target": u.target, "reason": u.reason} for u in dg.unsupported]
     rec["n_unsupported"] = len(dg.unsupported)
+    rec["frozen"] = [{"size": g.size, "reason": g.reason} for g in dg.groups if not g.prunable]
     del dg
 
     step("rewrite")
@@ -296,9 +274,14 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
         if ort_latency:
             step("ort-latency")
             try:  # a latency failure is reported, but it is not a coverage failure
+                from fxslim.export import ort_latency as measure_latency
+
                 base = where / f"{name}_original.onnx"
                 fxslim.export_onnx(model, (x,), base)
-                rec.update(_ort_latency(base, path, x))
+                t = measure_latency({"before": base, "after": path}, (x,))
+                rec.update(
+                    ort_ms_before=t["before"] * 1e3, ort_ms_after=t["after"] * 1e3, ort_ratio=t["after"] / t["before"]
+                )
             except Exception as exc:
                 rec["ort_error"] = f"{type(exc).__name__}: {_first_line(str(exc))}"
 
@@ -442,6 +425,10 @@ def summary_text(s: dict) -> str:
     )
 
 
+def _is_output(group: dict) -> bool:
+    return str(group.get("reason")).startswith("reaches the model output")
+
+
 def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) -> None:
     import torch
     import torchvision
@@ -477,6 +464,13 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) ->
     ]
     if per_model:
         lines += ["", "## Unsupported ops per model (target x count)", ""] + per_model
+    frozen = [
+        f"- {r['model']}: " + "; ".join(f"{g['size']} ch: {g['reason']}" for g in r["frozen"] if not _is_output(g))
+        for r in records
+        if any(not _is_output(g) for g in r.get("frozen", []))
+    ]
+    if frozen:
+        lines += ["", "## Frozen groups other than the model output (channels: reason)", ""] + frozen
     special = [
         f"- {m}: input {sp.size}x{sp.size}" + (f", `{sp.kwargs}`" if sp.kwargs else "") + f" — {sp.why}"
         for m, sp in SPECIAL.items()

@@ -34,7 +34,7 @@ import torch
 from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve, hilbert
 
-from fxslim.errors import FxslimError
+from fxslim.zoo.errors import DataError  # one DataError for every loader of the zoo
 
 MODULATIONS: tuple[str, ...] = (
     "BPSK", "QPSK", "8PSK", "16QAM", "64QAM", "PAM4", "GFSK", "CPFSK", "AM-DSB", "AM-SSB", "WBFM",
@@ -60,11 +60,6 @@ GFSK_BT = 0.35
 RRC_SPAN = 12  # RRC length in symbols (12: truncation ISI of RRC*RRC below 0.2%)
 FRAC_DELAY_HALF = 8  # windowed-sinc fractional-delay filter: 2 * 8 + 1 taps
 GENERATOR_VERSION = 1  # bump when the generator's output changes, so stale caches are not reused
-
-
-class DataError(FxslimError):
-    """A data set could not be generated, loaded or used: missing, corrupt or wrong-format file (names the
-    file and the key or shape at fault), or bad arguments to the generator."""
 
 
 @dataclass(frozen=True)

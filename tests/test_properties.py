@@ -18,7 +18,7 @@ from fxslim.passes import prune_channels
 from fxslim.rewrite import ChannelPlan, apply_plan
 from fxslim.zoo.randnet import BLOCKS, HEADS, RandomNet, Spec, randomize_bn
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 specs = st.builds(

@@ -661,7 +661,7 @@ def multihead_attention(b, node, mod):
     q, k, v = (b.ids(a) for a in _attention_inputs(node))
     if q is None or k is None or v is None:
         return None
-    weights_used = any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
+    weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
     if getattr(mod, "in_proj_weight", None) is None or getattr(mod, "bias_k", None) is not None \
             or getattr(mod, "add_zero_attn", False) or weights_used:
         return _freeze_attention(b, node, "attention with separate k/v widths, bias_k or used weights")

@@ -525,3 +525,14 @@ def test_unflatten_into_groups_keeps_whole_groups(fields):
     assert new.conv.out_channels == 8 and new.fc.in_features == 2
     assert _nodes(new)["unflatten"].args[2] == (-1, 4)
     torch.testing.assert_close(new.conv.weight, model.conv.weight[[0, 1, 2, 3, 8, 9, 10, 11]])
+
+
+def test_unpacked_but_unused_attention_weights_do_not_freeze_the_heads():
+    class Unpacked(MHABlock):  # torchvision's ViT: `x, _ = self.self_attention(x, x, x, need_weights=False)`
+        def forward(self, x):
+            x = self.inp(x)
+            y, _ = self.attn(x, x, x, need_weights=False)
+            return self.head(x + y)
+
+    dg = fxslim.analyze(Unpacked(), (torch.randn(2, 5, 16),))
+    assert sorted(g.size for g in dg.prunable_groups) == [4, 16]

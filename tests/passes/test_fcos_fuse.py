@@ -95,3 +95,25 @@ def test_composes_in_a_recipe_with_export(tmp_path):
     assert res.report[0].macs_after < 0.2 * res.report[0].macs_before
     assert fxslim.export_onnx(res.module, (x,), tmp_path / "m.onnx") < 1e-4
     assert np.isfinite(res.module(x).detach().numpy()).all()
+
+
+def test_builtin_fcos_recipes_run_the_paper_pipeline():
+    from fxslim.recipe import load_recipe
+
+    full = load_recipe("fcos")
+    assert [s.name for s in full] == ["fcos_fuse", "finetune", "lacd_drop", "finetune"]
+    assert (full[1].options["epochs"], full[3].options["epochs"]) == (20, 80)
+    assert full[1].options["scheduler"] == "step" and full[1].options["gamma"] == 0.8
+    quick = load_recipe("fcos_quick")
+    assert (quick[1].options["epochs"], quick[3].options["epochs"]) == (2, 8)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 128, generator=g)
+    y = torch.randint(0, 11, (64,), generator=g)
+    data = [(x[i : i + 32], y[i : i + 32]) for i in (0, 32)]
+    model = randomize_bn(CNN1D(width=16)).eval()
+    recipe = [{"pass": s.name, **s.options} for s in quick]
+    recipe[1]["epochs"], recipe[3]["epochs"], recipe[2]["probe_samples"] = 1, 1, 64
+    res = fxslim.compress(model, (x[:1],), recipe, data=data)
+    assert [r.name for r in res.report] == ["fcos_fuse", "finetune", "lacd_drop", "finetune"]
+    assert res.report[-1].macs_after < 0.2 * res.report[0].macs_before

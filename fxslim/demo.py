@@ -22,19 +22,21 @@ from fxslim.export import ort_latency
 from fxslim.zoo.train import TrainConfig, evaluate, train_baseline
 
 RECIPE = [
-    {"pass": "prune_channels", "ratio": 0.5, "importance": "l1"},
+    {"pass": "fcos_fuse", "epsilon": 0.5},
+    {"pass": "lacd_drop", "beta": 0.005, "probe_samples": 1024},
     {"pass": "bn_recalibrate", "batches": 20},
     {"pass": "finetune", "epochs": 6, "lr": 1e-3, "kd_temperature": 4.0},
     "fold_bn",
 ]
+FINETUNE = 3  # index of the finetune step in RECIPE (--quick shortens it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fxslim.demo",
         description="Train (or load the cached) CNN1D on the synthetic AMR set, compress it with the default "
-        "recipe (prune_channels 50% -> bn_recalibrate -> finetune with distillation -> fold_bn), export to "
-        "ONNX and compare accuracy (overall, SNR >= 10 dB), size and onnxruntime latency.",
+        "recipe (fcos_fuse 50% -> lacd_drop -> bn_recalibrate -> finetune with distillation -> fold_bn), export "
+        "to ONNX and compare accuracy (overall, SNR >= 10 dB), size and onnxruntime latency.",
         epilog="example: python -m fxslim.demo --quick   (outputs go to demo-out/)",
     )
     parser.add_argument("--quick", action="store_true", help="a small data set and few epochs (a smoke run)")
@@ -56,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n, epochs, ft_epochs, budget = (12, 2, 1, 0.5) if args.quick else (100, 20, RECIPE[2]["epochs"], 4.0)
+    n, epochs, ft_epochs, budget = (12, 2, 1, 0.5) if args.quick else (100, 20, RECIPE[FINETUNE]["epochs"], 4.0)
     config = TrainConfig(epochs=epochs, patience=5, seed=args.seed)
     base = train_baseline(args.model, "amr", data_kwargs={"n_per_class_snr": n}, config=config)
     ds = base.dataset
@@ -65,7 +67,9 @@ def run_demo(args: argparse.Namespace) -> int:
           f"baseline {args.model} {how} ({base.path})")
 
     recipe = [dict(p) if isinstance(p, dict) else p for p in RECIPE]
-    recipe[2]["epochs"] = ft_epochs
+    recipe[FINETUNE]["epochs"] = ft_epochs
+    if args.quick:
+        recipe[1]["probe_samples"] = 256
     x = ds.example()
     print(f"\nfxslim.compress with recipe {recipe}")
     res = fxslim.compress(base.model, (x,), recipe, data=ds.train, dump_dir=out / "ir", seed=args.seed)

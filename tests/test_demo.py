@@ -21,7 +21,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert row in out
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.onnx", "original.onnx", "accuracy_vs_snr.png", "summary.json", "ir"} <= files
-    assert len(list((tmp_path / "out" / "ir").glob("*.txt"))) == 5  # input + 4 passes
+    assert len(list((tmp_path / "out" / "ir").glob("*.txt"))) == 6  # input + 5 passes
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["macs"][1] < 0.5 * summary["macs"][0]
     assert max(summary["onnx_max_abs_error"].values()) < 1e-4

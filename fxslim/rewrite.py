@@ -1,10 +1,11 @@
 """Rewrite primitives shared by every pass: remove channels, merge channels, replace a module, drop a block.
 
-Each primitive returns a NEW GraphModule (the input is deep-copied, never edited), which passes
+Each primitive returns a NEW GraphModule (built on a copy-on-write clone; the input is never edited), which passes
 `graph.lint()`, runs, and has the shapes the plan promises (checked by shape propagation; a mismatch is a
 `PassError` naming the node). Channel changes are expressed as a `ChannelPlan` over the atoms of a
 `DependencyGraph`: every parameter dim tied to channels is re-indexed once (producer rows and norm
-statistics averaged over a merged cluster, consumer columns summed so identical channels fuse exactly),
+statistics averaged over a merged cluster, consumer columns summed so identical channels fuse exactly
+unless a norm computes statistics across channels, e.g. LayerNorm/GroupNorm),
 then the rules' `update` hooks fix module attributes and node arguments. Nothing here decides *what* to
 remove: passes do."""
 
@@ -77,14 +78,12 @@ class ChannelPlan:
             return dest, new_size, True
         # Pair the k-th occurrence of a merged atom with the k-th occurrence of its representative
         # (an atom occurs several times in a flattened dim: once per spatial position).
-        order = np.argsort(a, kind="stable")
-        sa = a[order]
-        starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
-        rank_sorted = np.arange(len(a)) - np.repeat(starts, np.diff(np.r_[starts, len(a)]))
-        rank = np.empty_like(rank_sorted)
-        rank[order] = rank_sorted
+        rank = occurrence_rank(a)
         span = len(a) + 1
         rep_keys = a[rep] * span + rank[rep]
+        if not len(rep_keys):
+            raise PassError("a merge leaves a tensor dim with no representative channel (a cluster spans the "
+                            "two sides of a split); cluster within DependencyGraph.merge_classes(group)")
         key_order = np.argsort(rep_keys)
         want = t[merged] * span + rank[merged]
         pos = np.searchsorted(rep_keys[key_order], want)
@@ -102,6 +101,16 @@ class ChannelPlan:
     def kept_positions(self, ids: np.ndarray) -> np.ndarray:
         a = self.dg.label[ids]
         return self.target[a] == a
+
+
+def occurrence_rank(a: np.ndarray) -> np.ndarray:
+    """For each position, how many earlier positions hold the same value (0 for the first occurrence)."""
+    order = np.argsort(a, kind="stable")
+    sa = a[order]
+    starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
+    rank = np.empty(len(a), dtype=np.int64)
+    rank[order] = np.arange(len(a)) - np.repeat(starts, np.diff(np.r_[starts, len(a)]))
+    return rank
 
 
 def _mask(group: Group, keep) -> np.ndarray:

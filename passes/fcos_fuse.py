@@ -6,7 +6,8 @@ channels are clustered agglomeratively on cosine distance (scipy `linkage`/`fclu
 default) into `ceil((1 - epsilon) * C)` clusters, or cut at a distance `threshold`; each cluster becomes one
 channel through the shared `merge_channels` primitive: producer rows and norm statistics averaged (the
 paper's Eq. 5, or weighted by the rows' L1 norms), consumer columns summed, so exact duplicates fuse with
-zero error. Clusters never cross `DependencyGraph.merge_classes` (channels on different sides of a split).
+zero error (unless a LayerNorm/GroupNorm computes statistics across the fused channels). Clusters never
+cross `DependencyGraph.merge_classes` (channels on different sides of a split).
 This file decides what to fuse; it never edits a graph itself."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import fx
 from fxslim.errors import PassError, RecipeError
 from fxslim.graph.deps import DependencyGraph, Group, analyze
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.rewrite import ChannelPlan, apply_plan
+from fxslim.rewrite import ChannelPlan, apply_plan, occurrence_rank
 
 NAME = "fcos_fuse"
 LINKAGES = ("average", "complete", "single", "ward")
@@ -82,9 +83,13 @@ def producer_rows(dg: DependencyGraph, group: Group) -> np.ndarray:
             if (pos < 0).all():
                 continue
             flat = t.detach().double().movedim(k, 0).reshape(len(ids), -1).numpy()
-            block = np.zeros((group.size, flat.shape[1]))
-            np.add.at(block, pos[pos >= 0], flat[pos >= 0])
-            blocks.append(block)
+            # A channel that owns several rows (a head's q/k/v rows, a whole group of a grouped conv) gets
+            # them side by side, in order, so two channels only look alike when row i matches row i.
+            inside = pos >= 0
+            rank = occurrence_rank(pos[inside])
+            block = np.zeros((group.size, int(rank.max()) + 1, flat.shape[1]))
+            block[pos[inside], rank] = flat[inside]
+            blocks.append(block.reshape(group.size, -1))
     if not blocks:
         raise PassError(f"{group!r} has no producer weights to compare")
     return np.concatenate(blocks, axis=1)

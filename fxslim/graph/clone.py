@@ -28,6 +28,9 @@ def shallow_clone(module: nn.Module) -> nn.Module:
         new._buffers = dict(m._buffers)
         new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
         new._modules = {k: None if v is None else clone(v) for k, v in m._modules.items()}
+        for name, value in vars(m).items():  # hooks and other registries: the copy gets its own containers
+            if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("always_called"):
+                setattr(new, name, copy.copy(value))
         return new
 
     return clone(module)

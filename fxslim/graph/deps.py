@@ -162,6 +162,12 @@ class Builder:
         for ids in _flat_ids(self.raw(value) if isinstance(value, fx.Node) else value):
             self.freeze(ids, reason)
 
+    def mark_summed(self, value, dim: int) -> None:
+        """`value`'s dim `dim` is summed over (matmul/einsum contraction): when `value` is a parameter, that
+        dim is consumer columns, summed (not averaged) when channels merge."""
+        if isinstance(value, fx.Node) and value.op == "get_attr" and value.target in self.params:
+            self.params[value.target].roles[dim] = "in"
+
     def may_prune(self, ids: np.ndarray) -> bool:
         k = self.kind[ids]
         return bool(((k == CHANNEL) | (k == SLICE)).any())
@@ -273,7 +279,10 @@ def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> Non
             b.values[node] = _fresh_like_meta(b, node)
         else:
             rule, mod = rule_for(node, gm)
-            out = rule.couple(b, node, mod) if rule is not None else None
+            try:
+                out = rule.couple(b, node, mod) if rule is not None else None
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+                out = None  # arguments the rule does not understand (e.g. unusual keywords): frozen, not guessed
             if out is False:  # reads sizes only
                 b.values[node] = None
                 continue

@@ -91,7 +91,7 @@ def no_tensor(b, node, mod=None):
 
 def reduce_dims(b, node, mod=None):
     x = b.ids(node.args[0])
-    dims = _arg(node, 1, "dim")
+    dims = _arg(node, 1, "dim", node.kwargs.get("axis"))
     keep = _arg(node, 2, "keepdim", False)
     rank = len(x)
     if dims is None:
@@ -106,15 +106,19 @@ def reduce_dims(b, node, mod=None):
     return out
 
 
-def spatial(nd: int):
-    """Pooling/resizing over the last `nd` dims: leading (batch, channel) dims pass, spatial dims are new."""
+def spatial(nd: int | None):
+    """Pooling/resizing over the last `nd` dims (None: every dim after batch and channel): leading dims
+    pass, spatial dims are new (the input's spatial dims are frozen: they are never channels)."""
 
     def rule(b, node, mod=None):
         x = b.ids(node.args[0])
         shape = b.shape(node)
-        if x is None or shape is None or len(shape) != len(x) or len(x) <= nd:
+        k = len(x) - 2 if nd is None and x is not None else nd
+        if x is None or shape is None or len(shape) != len(x) or k is None or k < 1 or len(x) <= k:
             return None
-        return list(x[:-nd]) + [b.fresh_dim(s, FIXED) for s in shape[-nd:]]
+        for ids in x[-k:]:
+            b.freeze(ids, f"{node.name}: pooled or resized dim")
+        return list(x[:-k]) + [b.fresh_dim(s, FIXED) for s in shape[-k:]]
 
     return rule
 
@@ -358,18 +362,11 @@ def getitem(b, node, mod=None):
     if x is None:
         return no_tensor(b, node)
     if isinstance(node.args[1], fx.Node) and b.is_tensor(node.args[1]):
-        return gather_rows(b, node)
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
+        meta = node.args[1].meta.get("tensor_meta")
+        return None if getattr(meta, "dtype", None) == torch.bool else gather_rows(b, node)
+    expanded = _expand_index(node.args[1], len(x))
+    if expanded is None:
         return None
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded = []
-    for i in idx:
-        if i is Ellipsis:
-            expanded += [slice(None)] * (len(x) - n_real)
-        else:
-            expanded.append(i)
-    expanded += [slice(None)] * (len(x) - sum(1 for i in expanded if i is not None))
     out, d = [], 0
     for i in expanded:
         if i is None:
@@ -386,16 +383,28 @@ def getitem(b, node, mod=None):
     return out
 
 
+def _expand_index(index, rank: int) -> list | None:
+    """A tensor index as one entry per input dim (None entries add a dim); None when unsupported."""
+    idx = index if isinstance(index, tuple) else (index,)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        expanded += [slice(None)] * (rank - n_real) if i is Ellipsis else [i]
+    return expanded + [slice(None)] * (rank - sum(1 for i in expanded if i is not None))
+
+
 def getitem_update(node, mod, b):
     """Move slice bounds to the new positions: a bound counts the kept indices before it."""
-    if isinstance(b.raw(node.args[0]), tuple) or not isinstance(b.raw(node.args[0]), list):
-        return
     x = b.ids(node.args[0])
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    if Ellipsis in idx:
-        return  # slices after an ellipsis are rare; the shape check after rewriting catches a mismatch
+    if x is None or isinstance(node.args[1], fx.Node):
+        return
+    expanded = _expand_index(node.args[1], len(x))
+    if expanded is None:
+        return
     new, d = [], 0
-    for i in idx:
+    for i in expanded:
         if isinstance(i, slice) and (i.start is not None or i.stop is not None):
             kept = b.kept_positions(x[d])
             n = len(x[d])
@@ -406,7 +415,12 @@ def getitem_update(node, mod, b):
             new.append(i)
         if i is not None:
             d += 1
-    node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0])
+    original = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if Ellipsis not in original:  # keep the user's form: no padding slices, a bare index stays bare
+        new = new[: len(original)]
+        node.args = (node.args[0], tuple(new) if isinstance(node.args[1], tuple) else new[0])
+    else:
+        node.args = (node.args[0], tuple(new))
 
 
 def matmul(b, node, mod=None):
@@ -415,6 +429,8 @@ def matmul(b, node, mod=None):
     if a is None or c is None or len(a) < 2 or len(c) < 2 or shape is None:
         return None
     b.unify(a[-1], c[-2])
+    b.mark_summed(node.args[0], len(a) - 1)  # a parameter operand's contracted dim is consumer columns
+    b.mark_summed(node.args[1], len(c) - 2)
     batch = _broadcast(b, a[:-2], c[:-2], shape[:-2])
     return batch + [a[-2], c[-1]]
 
@@ -431,12 +447,13 @@ def _broadcast(b, xa: Ids, xc: Ids, shape) -> Ids:
 
 
 def sdpa(b, node, mod=None):
-    q, k, v = (b.ids(a) for a in node.args[:3])
+    q, k, v = (b.ids(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
     shape = b.shape(node)
     if q is None or k is None or v is None or shape is None:
         return None
-    for extra in node.all_input_nodes[3:]:
-        b.freeze_value(extra, f"{node.name}: attention mask")
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        b.freeze_value(mask, f"{node.name}: attention mask")
     b.unify(q[-1], k[-1])
     b.unify(k[-2], v[-2])
     batch = _broadcast(b, q[:-2], k[:-2], shape[:-2])
@@ -456,8 +473,10 @@ def einsum(b, node, mod=None):
     if len(terms) != len(xs) or any(x is None or len(x) != len(t) for x, t in zip(xs, terms, strict=False)):
         return None
     seen: dict[str, np.ndarray] = {}
-    for term, x in zip(terms, xs, strict=True):
-        for letter, ids in zip(term, x, strict=True):
+    for term, x, operand in zip(terms, xs, operands, strict=True):
+        for d, (letter, ids) in enumerate(zip(term, x, strict=True)):
+            if letter not in out_letters:
+                b.mark_summed(operand, d)
             if letter not in seen or len(seen[letter]) == 1:
                 seen[letter] = ids
             elif len(ids) == len(seen[letter]):
@@ -617,7 +636,7 @@ def prelu(b, node, mod):
     if x is None:
         return None
     if mod.num_parameters > 1:
-        b.param(node, "weight", [SLICE], ["norm"], like=[x[1]])
+        b.param(node, "weight", [SLICE], ["param"], like=[x[1]])
     return list(x)
 
 
@@ -722,7 +741,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
-    **{t: Rule(spatial(n) if n else spatial(2)) for t, n in _POOLS.items()},
+    **{t: Rule(spatial(n)) for t, n in _POOLS.items()},
 }
 
 _ELEMENTWISE_FNS = (
@@ -735,7 +754,7 @@ _ELEMENTWISE_FNS = (
 _POOL_FNS = {
     F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
     F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
-    F.adaptive_max_pool2d: 2, F.interpolate: 2, torch.max_pool2d: 2, torch.avg_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.interpolate: None, torch.max_pool2d: 2, torch.avg_pool1d: 1,
 }
 
 FUNCTION_RULES: dict[object, Rule] = {
@@ -771,10 +790,10 @@ FUNCTION_RULES: dict[object, Rule] = {
 
 METHOD_RULES: dict[str, Rule] = {
     **{m: Rule(elementwise) for m in ("add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "clamp",
-                                       "maximum", "minimum", "where")},
+                                       "maximum", "minimum", "where", "masked_fill")},
     **{m: Rule(passthrough) for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
                                        "float", "to", "type_as", "detach", "softmax", "log_softmax", "exp",
-                                       "abs", "neg", "sqrt", "gelu", "hardtanh", "clamp_", "masked_fill")},
+                                       "abs", "neg", "sqrt", "gelu", "hardtanh", "clamp_")},
     **{m: Rule(reduce_dims) for m in ("mean", "sum", "amax", "amin")},
     "view": Rule(reshape, reshape_update),
     "reshape": Rule(reshape, reshape_update),

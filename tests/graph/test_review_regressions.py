@@ -1,0 +1,113 @@
+"""Regression tests for defects found in review: each would have produced a wrong model or a bare error."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+from fxslim.rewrite import ChannelPlan, apply_plan, remove_channels
+
+
+def test_slice_after_ellipsis_is_moved_with_the_removed_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 48), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(x)[..., 16:32])
+
+    model, x = M().eval(), torch.randn(3, 4)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    keep = [i for i in range(48) if i not in (0, 1, 2, 3, 40, 41, 42, 43)]
+    new = remove_channels(gm, dg.group_of("fc"), keep)
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_matmul_with_a_parameter_sums_merged_columns():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.proj = nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x):
+            return self.fc(x) @ self.proj
+
+    model, x = M().eval(), torch.randn(5, 3)
+    with torch.no_grad():
+        model.fc.weight[1] = model.fc.weight[0]
+        model.fc.bias[1] = model.fc.bias[0]
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = apply_plan(gm, ChannelPlan(dg).merge(dg.group_of("fc"), [[0, 1]]))
+    torch.testing.assert_close(new(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_1d_and_3d_resizing_keep_channels_prunable():
+    class M(nn.Module):
+        def __init__(self, dims):
+            super().__init__()
+            conv = nn.Conv1d if dims == 1 else nn.Conv3d
+            self.a, self.b = conv(2, 8, 1), conv(8, 3, 1)
+            self.up = nn.Upsample(scale_factor=2) if dims == 1 else None
+
+        def forward(self, x):
+            y = self.a(x)
+            y = self.up(y) if self.up is not None else F.interpolate(y, scale_factor=2.0)
+            return self.b(y)
+
+    for dims, shape in ((1, (1, 2, 6)), (3, (1, 2, 2, 2, 2))):
+        model, x = M(dims).eval(), torch.randn(*shape)
+        res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+        assert res.module.a.out_channels == 4 and res.module(x).shape == model(x).shape
+
+
+def test_masked_fill_mask_follows_the_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.register_buffer("mask", torch.arange(8).view(1, 8, 1, 1) % 3 == 0)
+
+        def forward(self, x):
+            return self.b(self.a(x).masked_fill(self.mask, 0.0))
+
+    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+    assert res.module(x).shape == (1, 2, 4, 4) and res.module.mask.shape == (1, 4, 1, 1)
+
+
+def test_unusual_keyword_arguments_freeze_instead_of_crashing():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):  # x: (B, T, 4)
+            y = self.a(x).transpose(dim0=1, dim1=2)
+            return self.b(y.sum(axis=2))
+
+    dg = fxslim.analyze(M(), (torch.randn(2, 3, 4),))
+    assert dg.group_of("a", 2) is not None
+
+
+def test_hooks_on_the_result_do_not_fire_on_the_input_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    res = fxslim.compress(model, (torch.randn(1, 3, 2, 2),), ["prune_channels"])
+    calls = []
+    res.module.get_submodule("1").register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(1, 3, 2, 2))
+    assert calls == []
+
+
+def test_prelu_slope_is_not_a_norm_scale():
+    from fxslim.importance import atom_scores
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.Conv2d(4, 2, 1))
+    dg = fxslim.analyze(model, (torch.randn(1, 3, 2, 2),))
+    g = dg.group_of("_0")
+    assert list(atom_scores(dg, "bn_scale")[g.atoms]) == list(atom_scores(dg, "l1")[g.atoms])

@@ -106,8 +106,10 @@ def cache_root() -> Path:
 
 
 def checkpoint_path(model: str, model_kwargs: dict, dataset: str, data_kwargs: dict, config: TrainConfig) -> Path:
+    generator = amr.GENERATOR_VERSION if dataset == "amr" else None  # new synthetic data: new checkpoint
     key = json.dumps({"model": model, "model_kwargs": model_kwargs, "data": dataset, "data_kwargs": data_kwargs,
-                      "config": asdict(config), "version": CHECKPOINT_VERSION}, sort_keys=True, default=str)
+                      "config": asdict(config), "version": CHECKPOINT_VERSION, "generator": generator},
+                     sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "checkpoints" / f"{model}-{dataset}-{digest}.pt"
 

@@ -13,7 +13,7 @@ import numpy as np
 from torch import fx
 
 from fxslim.errors import PassError, RecipeError
-from fxslim.graph.deps import DependencyGraph, Group, analyze
+from fxslim.graph.deps import DependencyGraph, Group, analyze, dims_of
 from fxslim.importance import CRITERIA, atom_scores
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.rewrite import ChannelPlan, apply_plan
@@ -101,17 +101,10 @@ def _select_global(groups: list[Group], scores: np.ndarray, ratio: float) -> np.
 
 def _keep_one_per_dim(dg: DependencyGraph, plan: ChannelPlan, scores: np.ndarray) -> None:
     """A split or slice can leave some tensor with no channel at all: give such a dim back its best one."""
-    dims = [ids for v in dg.values.values() for ids in _dims(v) if len(ids)]
+    dims = [ids for v in dg.values.values() for _, ids in dims_of(v) if len(ids)]
     for ids in dims:
         atoms = dg.label[ids]
         if (plan.target[atoms] < 0).all():
             best = atoms[np.argmax(scores[atoms])]
             plan.target[best] = best
 
-
-def _dims(value):
-    if isinstance(value, list):
-        yield from (v for v in value if isinstance(v, np.ndarray))
-    elif isinstance(value, tuple):
-        for v in value:
-            yield from _dims(v)

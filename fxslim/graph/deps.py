@@ -113,7 +113,7 @@ class DependencyGraph:
         n = len(self.atom_group)
         sig = np.zeros(n, dtype=np.uint64)
         mult = np.uint64(1000003)
-        for d, ids in enumerate(ids for v in self.values.values() for _, ids in _dims_of(v)):
+        for d, ids in enumerate(ids for v in self.values.values() for _, ids in dims_of(v)):
             counts = np.bincount(self.label[ids], minlength=n)[group.atoms].astype(np.uint64)
             sig[group.atoms] = sig[group.atoms] * mult + counts * np.uint64(d + 1)
         _, cls = np.unique(sig[group.atoms], return_inverse=True)
@@ -363,7 +363,7 @@ def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[s
     bounds = np.searchsorted(gidx[order], np.arange(len(per_group) + 1))
 
     members: list[list[Member]] = [[] for _ in per_group]
-    dims = [(node.name, k, ids) for node, value in b.values.items() for k, ids in _dims_of(value)]
+    dims = [(node.name, k, ids) for node, value in b.values.items() for k, ids in dims_of(value)]
     # parameters whose dims live in no graph value (e.g. attention heads inside a leaf module) count too
     dims += [(p.key, k, ids) for p in b.params.values() for k, ids in enumerate(p.ids) if ids is not None]
     for name, k, ids in dims:
@@ -384,9 +384,9 @@ def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[s
     return dg
 
 
-def _dims_of(value) -> Iterable[tuple[int, np.ndarray]]:
+def dims_of(value) -> Iterable[tuple[int, np.ndarray]]:
     if isinstance(value, list):
         yield from ((k, ids) for k, ids in enumerate(value) if isinstance(ids, np.ndarray))
     elif isinstance(value, tuple):
         for v in value:
-            yield from _dims_of(v)
+            yield from dims_of(v)

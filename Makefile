@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install bench-install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# peers for the benchmarks in tools/ (Torch-Pruning, tensorly-torch); not needed by fxslim or its tests
+bench-install: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
 
 lint: $(STAMP)
 	$(BIN)/ruff check fxslim passes tests tools

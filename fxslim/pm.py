@@ -1,7 +1,10 @@
 """The pass manager: runs a recipe's passes in order and owns everything around them.
 
 For each pass it times the run, recomputes params/MACs, checks that the model outputs keep their shapes,
-writes the numbered IR dump when asked, and collects one `PassRecord`. Passes only transform; a pass that
+checks the declared symmetry when the model has one (e2cnn models: `gm.meta["group"]`; the logits of an
+invariant model must not move under `torch.rot90` of the example input by more than SYMMETRY_ATOL in fp32,
+and every layout conv must still hold whole fields), writes the numbered IR dump when asked, and collects one
+`PassRecord`. Models that declare no group are checked exactly as before. Passes only transform; a pass that
 fails or breaks the graph stops the run with an error naming the pass. This file never changes a graph
 itself."""
 
@@ -14,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from fxslim import e2cnn_adapter
 from fxslim.dump import dump_ir
-from fxslim.errors import FxslimError, PassError
+from fxslim.errors import AnalysisError, FxslimError, PassError
 from fxslim.graph.cost import Cost, annotate
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.recipe import PassSpec, registry
@@ -32,6 +36,10 @@ class PassRecord:
     seconds: float
     changed: bool
     details: dict = field(default_factory=dict)
+    symmetry_error: float | None = None  # max |f(rot90 x) - f(x)| over the group's rotations, when declared
+
+
+SYMMETRY_ATOL = 1e-4  # fp32 invariance tolerance on the logits (../shared/METHODS.md, equivariant section)
 
 
 def output_shapes(gm: fx.GraphModule) -> list:
@@ -44,10 +52,18 @@ def output_shapes(gm: fx.GraphModule) -> list:
     return shapes
 
 
-def run_passes(gm: fx.GraphModule, specs: list[PassSpec], ctx: PassContext,
-               dump_dir: Path | None = None) -> tuple[fx.GraphModule, list[PassRecord]]:
+def run_passes(
+    gm: fx.GraphModule, specs: list[PassSpec], ctx: PassContext, dump_dir: Path | None = None
+) -> tuple[fx.GraphModule, list[PassRecord]]:
     cost = annotate(gm, ctx.example_inputs)
     want = output_shapes(gm)
+    base_error = symmetry_error(gm, ctx.example_inputs)
+    if base_error is not None and not base_error < SYMMETRY_ATOL:
+        raise AnalysisError(
+            f"the input model is not {gm.meta['group']}-invariant on the example inputs (rot90 error "
+            f"{base_error:.3g} >= {SYMMETRY_ATOL:g}): use inputs whose size keeps every pooling and stride "
+            "symmetric under rotation (e.g. 28x28 with one 2x2 pool, an odd size without strided pooling)"
+        )
     previous = _dump(gm, cost, dump_dir, 0, "input", None)
     records = []
     for i, spec in enumerate(specs, start=1):
@@ -58,10 +74,32 @@ def run_passes(gm: fx.GraphModule, specs: list[PassSpec], ctx: PassContext,
         got = output_shapes(result.module)
         if got != want:
             raise PassError(f"pass {spec.name!r} changed the model output shapes {want} -> {got}")
-        records.append(PassRecord(spec.name, dict(spec.options), cost.params, new_cost.params, cost.macs,
-                                  new_cost.macs, seconds, result.changed, result.record))
-        ctx.debug("pass %s%s: params %d -> %d, MACs %d -> %d, %.2fs; %s", spec.name, spec.options or "",
-                  cost.params, new_cost.params, cost.macs, new_cost.macs, seconds, result.record)
+        error = _check_symmetry(result, spec, ctx.example_inputs)
+        records.append(
+            PassRecord(
+                spec.name,
+                dict(spec.options),
+                cost.params,
+                new_cost.params,
+                cost.macs,
+                new_cost.macs,
+                seconds,
+                result.changed,
+                result.record,
+                error,
+            )
+        )
+        ctx.debug(
+            "pass %s%s: params %d -> %d, MACs %d -> %d, %.2fs; %s",
+            spec.name,
+            spec.options or "",
+            cost.params,
+            new_cost.params,
+            cost.macs,
+            new_cost.macs,
+            seconds,
+            result.record,
+        )
         previous = _dump(result.module, new_cost, dump_dir, i, spec.name, previous)
         gm, cost = result.module, new_cost
     return gm, records
@@ -82,6 +120,45 @@ def _run_one(gm: fx.GraphModule, spec: PassSpec, ctx: PassContext) -> PassResult
     return result
 
 
+def symmetry_error(gm: fx.GraphModule, example_inputs: tuple) -> float | None:
+    """max over the rotations k of the declared group of |gm(rot90(x, k)) - gm(x)| on the logits (None
+    when `gm` declares no group with rot90 elements). Invariant outputs (rank <= 2) only: a spatial output
+    would need its fields' channel permutation, which fxslim does not check."""
+    ks = e2cnn_adapter.rotations(gm.meta.get(e2cnn_adapter.GROUP_META))
+    if not ks:
+        return None
+    x, *rest = example_inputs
+    if x.dim() < 3 or x.shape[-1] != x.shape[-2]:
+        raise AnalysisError(
+            f"checking {gm.meta['group']} invariance needs a square example input, got {tuple(x.shape)}"
+        )
+    with torch.no_grad():
+        y = gm(x, *rest)
+        if not isinstance(y, torch.Tensor) or y.dim() > 2:
+            return None
+        return max(float((gm(torch.rot90(x, k, (-2, -1)), *rest) - y).abs().max()) for k in ks)
+
+
+def _check_symmetry(result: PassResult, spec: PassSpec, example_inputs: tuple) -> float | None:
+    """Whole fields in every layout conv, then the rot90 check: PassError naming the pass when broken.
+    INT8 passes (record {"int8": True}) have their error recorded, not enforced."""
+    gm = result.module
+    layout = gm.meta.get(e2cnn_adapter.LAYOUT_META)
+    try:
+        if layout:
+            gm.meta[e2cnn_adapter.LAYOUT_META] = e2cnn_adapter.current_layout(gm, layout)
+        error = symmetry_error(gm, example_inputs)
+    except FxslimError as exc:
+        raise PassError(f"pass {spec.name!r}: {exc}") from exc
+    if error is not None and not error < SYMMETRY_ATOL and not result.record.get("int8"):
+        raise PassError(
+            f"pass {spec.name!r} broke the model's {gm.meta['group']} invariance: rot90 of the "
+            f"input moves the logits by {error:.3g} (tolerance {SYMMETRY_ATOL:g}); prune whole "
+            "fields (equivariant_prune) instead of single channels"
+        )
+    return error
+
+
 def _annotate_after(gm: fx.GraphModule, spec: PassSpec, ctx: PassContext) -> Cost:
     try:
         gm.graph.lint()
@@ -90,8 +167,9 @@ def _annotate_after(gm: fx.GraphModule, spec: PassSpec, ctx: PassContext) -> Cos
         raise PassError(f"pass {spec.name!r} produced a graph that does not run: {exc}") from exc
 
 
-def _dump(gm: fx.GraphModule, cost: Cost, dump_dir: Path | None, index: int, name: str,
-          previous: Path | None) -> Path | None:
+def _dump(
+    gm: fx.GraphModule, cost: Cost, dump_dir: Path | None, index: int, name: str, previous: Path | None
+) -> Path | None:
     if dump_dir is None:
         return None
     dump_dir.mkdir(parents=True, exist_ok=True)

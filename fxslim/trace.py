@@ -5,20 +5,24 @@ Uses `torch.fx.Tracer` with a leaf policy: torch.nn modules (fx's default), the 
 cloned first (graph/clone.py: new module objects, shared tensors, so no flag or attribute of the caller's
 model is ever touched) and traced in eval mode so `self.training` branches take their inference path.
 Failures become `TraceError`s that name the module path being traced and the Python construct that
-broke tracing. This file must never change the model."""
+broke tracing. e2cnn models are traced through the e2cnn adapter (fxslim/e2cnn_adapter.py): their e2cnn
+modules become plain-torch exports, the GeometricTensor wrap/unwrap traces as identity, and the declared
+group and field layout land in `gm.meta`. This file must never change the model."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from torch import fx, nn
 
+from fxslim import e2cnn_adapter
 from fxslim.errors import TraceError
 from fxslim.graph.clone import clone_gm, shallow_clone
 from fxslim.modules import SlimMultiheadAttention
 
 # Leaf types registered by adapters (e.g. the e2cnn adapter); fx never looks inside them.
-_REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention}
+_REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention, e2cnn_adapter.GroupMaxPool}
 
 
 def register_leaf(module_type: type) -> None:
@@ -34,6 +38,8 @@ class _Tracer(fx.Tracer):
         self._leaf_names = leaf_names
         self.path: list[str] = []
         self.failed_at: list[str] | None = None
+        # e2cnn models: module id -> output field type of the e2cnn module it was exported from
+        self.geometric: dict[int, object] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_names or isinstance(m, self._leaf_types):
@@ -44,7 +50,11 @@ class _Tracer(fx.Tracer):
         # Keep the module path so a failure deep inside can say where it happened.
         self.path.append(self.path_of_module(m) or type(m).__name__)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if self.geometric is None:
+                return super().call_module(m, forward, args, kwargs)
+            args, kwargs = e2cnn_adapter.unwrap_args(args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            return e2cnn_adapter.wrap_output(out, self.geometric.get(id(m)))
         except Exception:
             if self.failed_at is None:
                 self.failed_at = list(self.path)
@@ -82,10 +92,18 @@ def trace(
     unknown = sorted(n for n in names if n not in dict(model.named_modules()))
     if unknown:
         raise TraceError(f"leaf_modules names not found in {type(model).__name__}: {unknown}")
-    root = shallow_clone(model).eval()
+    root = shallow_clone(model)
     tracer = _Tracer(leaves, names)
+    meta = dict(getattr(model, "fxslim_meta", {}) or {})
+    geometric = contextlib.nullcontext()
+    if e2cnn_adapter.is_e2cnn_model(model):
+        meta.update(e2cnn_adapter.model_meta(model))
+        root, tracer.geometric = e2cnn_adapter.plain_root(root)
+        geometric = e2cnn_adapter.geometric_tracing()
+    root.eval()
     try:
-        graph = tracer.trace(root)
+        with geometric:
+            graph = tracer.trace(root)
     except Exception as exc:
         where = (tracer.failed_at or [""])[-1] or "<top level forward>"
         raise TraceError(
@@ -94,5 +112,5 @@ def trace(
             "Make that module a leaf (leaf_modules=[...]) or remove the construct."
         ) from exc
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    gm.meta.update(getattr(model, "fxslim_meta", {}) or {})
+    gm.meta.update(meta)
     return gm

@@ -6,12 +6,15 @@ edge list, linear in the number of indices) give **atoms**: the smallest units t
 spanning every tensor and parameter slice it touches. Atoms born in the same channel space (a conv's
 outputs, a residual stream) form a **group**: the set a pass ranks and shrinks together. An atom that
 reaches a model input or output, a fixed dim (batch, spatial), an op with no rule or an ignored module is
-frozen. This file only analyses; it never changes the graph."""
+frozen. Models that declare a field layout (e2cnn models, `gm.meta["field_layout"]`) get each field of each
+layout conv tied into one atom: a field is removed whole or not at all. This file only analyses; it never
+changes the graph."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -110,18 +113,33 @@ class DependencyGraph:
         """Partition `group`'s channels into classes that may be merged with each other: channels that run
         through exactly the same tensor dims the same number of times (a split sends two channels of one
         group to different consumers; fusing them could not be exact)."""
-        n = len(self.atom_group)
-        sig = np.zeros(n, dtype=np.uint64)
-        mult = np.uint64(1000003)
-        for d, ids in enumerate(ids for v in self.values.values() for _, ids in dims_of(v)):
-            counts = np.bincount(self.label[ids], minlength=n)[group.atoms].astype(np.uint64)
-            sig[group.atoms] = sig[group.atoms] * mult + counts * np.uint64(d + 1)
-        _, cls = np.unique(sig[group.atoms], return_inverse=True)
-        return [np.flatnonzero(cls == c) for c in range(cls.max() + 1)] if group.size else []
+        if not group.size:
+            return []
+        _, cls = np.unique(self._atom_signatures[group.atoms], return_inverse=True)
+        return [np.flatnonzero(cls == c) for c in range(cls.max() + 1)]
+
+    @cached_property
+    def _atom_signatures(self) -> np.ndarray:
+        """Per atom, an order-free hash of the multiset {(tensor dim, how many of its ids run through it)},
+        computed once for the whole graph (linear in the number of ids), not once per group."""
+        dims = [ids for v in self.values.values() for _, ids in dims_of(v)]
+        sig = np.zeros(len(self.atom_group), dtype=np.uint64)
+        if not dims:
+            return sig
+        atoms = self.label[np.concatenate(dims)].astype(np.int64)
+        dim = np.repeat(np.arange(len(dims), dtype=np.int64), [len(ids) for ids in dims])
+        pairs, counts = np.unique(atoms * len(dims) + dim, return_counts=True)
+        h = (pairs % len(dims) + 1).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= counts.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x94D049BB133111EB)  # splitmix64-style finaliser: sums of mixed words rarely collide
+        np.add.at(sig, pairs // len(dims), h)
+        return sig
 
     def summary(self) -> str:
-        lines = [f"{len(self.groups)} groups ({len(self.prunable_groups)} prunable), "
-                 f"{len(self.unsupported)} unsupported ops"]
+        lines = [
+            f"{len(self.groups)} groups ({len(self.prunable_groups)} prunable), {len(self.unsupported)} unsupported ops"
+        ]
         lines += [f"  {g!r}" for g in self.groups]
         lines += [f"  unsupported: {u.node} ({u.target}): {u.reason}" for u in self.unsupported]
         return "\n".join(lines)
@@ -256,8 +274,10 @@ def _check(node: fx.Node, b: Builder, out) -> None:
     want = b.shape(node)
     if isinstance(out, list) and want is not None:
         if [len(a) for a in out] != list(want):
-            raise AnalysisError(f"rule for node {node.name!r} ({_target_name(node)}) produced dims "
-                                f"{[len(a) for a in out]} for output shape {list(want)}")
+            raise AnalysisError(
+                f"rule for node {node.name!r} ({_target_name(node)}) produced dims "
+                f"{[len(a) for a in out]} for output shape {list(want)}"
+            )
 
 
 def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> None:
@@ -320,8 +340,30 @@ def _components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int
     return connected_components(m, directed=False)
 
 
-def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[str] = ()) -> DependencyGraph:
-    """Annotate shapes and compute the channel groups of a model (traced first unless a GraphModule)."""
+def _couple_fields(gm: fx.GraphModule, b: Builder) -> None:
+    """Tie the channels of each field of each layout conv into one atom (e2cnn models: a C4 regular field
+    is 4 consecutive channels that a rotation permutes among themselves)."""
+    for f in gm.meta.get("field_layout", ()):
+        p = b.params.get(f"{f.layer}.weight")
+        if p is None or p.ids[0] is None or f.field_size == 1:
+            continue
+        ids = p.ids[0]
+        if len(ids) % f.field_size:
+            raise AnalysisError(
+                f"layer {f.layer!r} has {len(ids)} output channels, not whole fields of "
+                f"{f.field_size}: its field layout no longer matches the weights"
+            )
+        fields = ids.reshape(-1, f.field_size)
+        b.unify(fields, np.broadcast_to(fields[:, :1], fields.shape))
+
+
+def analyze(
+    model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[str] = (), fields: bool = True
+) -> DependencyGraph:
+    """Annotate shapes and compute the channel groups of a model (traced first unless a GraphModule).
+
+    `fields=False` ignores a declared field layout (single channels of e2cnn layers become removable; only
+    for experiments that show what a misaligned cut does: the pass manager rejects such a result)."""
     from fxslim.trace import trace
 
     gm = model_or_gm if isinstance(model_or_gm, fx.GraphModule) else trace(model_or_gm)
@@ -330,6 +372,8 @@ def analyze(model_or_gm: nn.Module, example_inputs: tuple, *, ignore: Iterable[s
     b = Builder(gm)
     unsupported: list[Unsupported] = []
     _walk(gm, b, unsupported)
+    if fields:
+        _couple_fields(gm, b)
     _freeze_ignored(gm, b, ignore)
 
     n_atoms, label = _components(b.n, b.edges)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxslim.e2cnn_adapter import GroupMaxPool
 from fxslim.modules import SlimMultiheadAttention
 
 FIXED, CHANNEL, SLICE = 0, 1, 2  # kinds of index: never prunable / a prunable channel / a parameter dim
@@ -681,8 +682,12 @@ def multihead_attention(b, node, mod):
     if q is None or k is None or v is None:
         return None
     weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
-    if getattr(mod, "in_proj_weight", None) is None or getattr(mod, "bias_k", None) is not None \
-            or getattr(mod, "add_zero_attn", False) or weights_used:
+    if (
+        getattr(mod, "in_proj_weight", None) is None
+        or getattr(mod, "bias_k", None) is not None
+        or getattr(mod, "add_zero_attn", False)
+        or weights_used
+    ):
         return _freeze_attention(b, node, "attention with separate k/v widths, bias_k or used weights")
     heads = mod.num_heads
     head_dim = mod.in_proj_weight.shape[0] // 3 // heads
@@ -706,17 +711,59 @@ def multihead_attention_update(node, mod, b):
     setattr(b.gm.get_submodule(parent) if parent else b.gm, attr, SlimMultiheadAttention.from_module(mod))
 
 
+def group_max_pool(b, node, mod):
+    """e2cnn GroupPooling (max over each field's `group_size` channels): a field is one channel, and output
+    channel f is input field f. The module reshapes with -1, so removing whole fields needs no update."""
+    x = b.ids(node.args[0])
+    if x is None or len(x) < 2 or len(x[1]) % mod.group_size:
+        return None
+    fields = x[1].reshape(-1, mod.group_size)
+    b.unify(fields, np.broadcast_to(fields[:, :1], fields.shape))
+    return [x[0], fields[:, 0].copy(), *x[2:]]
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 _ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.ELU, nn.SELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Hardtanh, nn.Tanhshrink,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Hardtanh,
+    nn.Tanhshrink,
 )
 _POOLS = {
-    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
-    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: None, nn.UpsamplingNearest2d: 2,
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+    nn.Upsample: None,
+    nn.UpsamplingNearest2d: 2,
     nn.UpsamplingBilinear2d: 2,
 }
 
@@ -740,21 +787,69 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Unflatten: Rule(reshape, reshape_update),
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
+    GroupMaxPool: Rule(group_max_pool),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
     **{t: Rule(spatial(n)) for t, n in _POOLS.items()},
 }
 
 _ELEMENTWISE_FNS = (
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, operator.isub,
-    operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.neg,
-    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.clamp,
-    torch.where, F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
-    F.elu, F.mish, F.dropout, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.hardtanh,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    operator.isub,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.neg,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.abs,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.clamp,
+    torch.where,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.sigmoid,
+    F.tanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    F.hardtanh,
 )
 _POOL_FNS = {
-    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
-    F.adaptive_max_pool2d: 2, F.interpolate: None, torch.max_pool2d: 2, torch.avg_pool1d: 1,
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    F.avg_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.interpolate: None,
+    torch.max_pool2d: 2,
+    torch.avg_pool1d: 1,
 }
 
 FUNCTION_RULES: dict[object, Rule] = {
@@ -789,11 +884,49 @@ FUNCTION_RULES: dict[object, Rule] = {
 }
 
 METHOD_RULES: dict[str, Rule] = {
-    **{m: Rule(elementwise) for m in ("add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "clamp",
-                                       "maximum", "minimum", "where", "masked_fill")},
-    **{m: Rule(passthrough) for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
-                                       "float", "to", "type_as", "detach", "softmax", "log_softmax", "exp",
-                                       "abs", "neg", "sqrt", "gelu", "hardtanh", "clamp_")},
+    **{
+        m: Rule(elementwise)
+        for m in (
+            "add",
+            "sub",
+            "mul",
+            "div",
+            "add_",
+            "mul_",
+            "sub_",
+            "div_",
+            "clamp",
+            "maximum",
+            "minimum",
+            "where",
+            "masked_fill",
+        )
+    },
+    **{
+        m: Rule(passthrough)
+        for m in (
+            "relu",
+            "relu_",
+            "sigmoid",
+            "sigmoid_",
+            "tanh",
+            "contiguous",
+            "clone",
+            "float",
+            "to",
+            "type_as",
+            "detach",
+            "softmax",
+            "log_softmax",
+            "exp",
+            "abs",
+            "neg",
+            "sqrt",
+            "gelu",
+            "hardtanh",
+            "clamp_",
+        )
+    },
     **{m: Rule(reduce_dims) for m in ("mean", "sum", "amax", "amin")},
     "view": Rule(reshape, reshape_update),
     "reshape": Rule(reshape, reshape_update),

@@ -6,7 +6,8 @@
 e2cnn modules are not fx-traceable (their forwards assert on field types and shapes), so `export_plain`
 builds the plain-torch twin from each module's `.export()`; e2cnn 0.2.3 exports GroupPooling to
 `MaxPoolChannels`, whose forward asserts on `input.shape` (a traced value) and so breaks torch.fx, hence the
-exact replacement `GroupMaxPool`. `field_layout` records which channels form one field (a C4 regular field
+exact replacement `GroupMaxPool`. `fxslim.trace(C4Net(...))` needs no twin: the e2cnn adapter does the same
+conversion while tracing. `field_layout` records which channels form one field (a C4 regular field
 is 4 consecutive channels, permuted by a rotation): a pass must remove or merge whole fields, never single
 channels, or the model loses its invariance. This file only defines models; it never trains them."""
 
@@ -14,45 +15,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from e2cnn import gspaces
 from e2cnn import nn as enn
 from torch import nn
 
+# The layout record, the plain GroupPooling and the layout reader live in the e2cnn adapter (fxslim core);
+# they are re-exported here for code that builds zoo models.
+from fxslim.e2cnn_adapter import FieldLayout, GroupMaxPool, field_layout
+
+__all__ = ["C4_ORDER", "C4Net", "C4NetPlain", "FieldLayout", "GroupMaxPool", "export_plain", "field_layout"]
+
 C4_ORDER = 4  # rotations by 0, 90, 180 and 270 degrees; a regular field has one channel per rotation
-
-
-@dataclass(frozen=True)
-class FieldLayout:
-    """How one R2Conv's input and output channels split into fields (a field is the unit of pruning).
-
-    `layer` is the conv's qualified name, the same in the e2cnn model and in its `export_plain` twin.
-    Output channels are `fields` × `field_size`, field f owning channels [f·field_size, (f+1)·field_size)."""
-
-    layer: str
-    fields: int
-    field_size: int
-    in_fields: int
-    in_field_size: int
-
-
-class GroupMaxPool(nn.Module):
-    """Max over each field's `group_size` consecutive channels: the plain-torch GroupPooling of e2cnn.
-
-    Same result as e2cnn's `MaxPoolChannels` (what `GroupPooling.export()` returns) but fx-traceable: no
-    assert on the input shape, and -1 for the field count so that removing whole fields needs no edit."""
-
-    def __init__(self, group_size: int) -> None:
-        super().__init__()
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(1, (-1, self.group_size)).amax(2)
-
-    def extra_repr(self) -> str:
-        return f"group_size={self.group_size}"
 
 
 class C4Net(nn.Module):
@@ -68,9 +43,16 @@ class C4Net(nn.Module):
     rounding) when H and W are divisible by 2**len(pool_after): 28×28 with the default single pool
     (a 29×29 input drops a different row in the pool for each rotation; see ../shared/FACTS.md)."""
 
-    def __init__(self, num_classes: int = 10, in_ch: int = 1, fields: Sequence[int] = (4, 8, 16),
-                 kernels: Sequence[int] = (5, 3, 3), pool_after: Sequence[int] = (1,), hidden: int = 64,
-                 spatial_pool: str = "max") -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_ch: int = 1,
+        fields: Sequence[int] = (4, 8, 16),
+        kernels: Sequence[int] = (5, 3, 3),
+        pool_after: Sequence[int] = (1,),
+        hidden: int = 64,
+        spatial_pool: str = "max",
+    ) -> None:
         super().__init__()
         if len(fields) != len(kernels) or any(k % 2 == 0 for k in kernels):
             raise ValueError(f"need one odd kernel size per block: fields={fields}, kernels={kernels}")
@@ -83,8 +65,11 @@ class C4Net(nn.Module):
         t = self.in_type
         for i, (f, k) in enumerate(zip(fields, kernels, strict=True)):
             out = enn.FieldType(gspace, f * [gspace.regular_repr])
-            layers += [enn.R2Conv(t, out, k, padding=k // 2, bias=False), enn.InnerBatchNorm(out),
-                       enn.ReLU(out, inplace=True)]
+            layers += [
+                enn.R2Conv(t, out, k, padding=k // 2, bias=False),
+                enn.InnerBatchNorm(out),
+                enn.ReLU(out, inplace=True),
+            ]
             if i in pool_after:
                 layers.append(enn.PointwiseMaxPool(out, 2))
             t = out
@@ -104,8 +89,14 @@ class C4NetPlain(nn.Module):
     Carries `fxslim_meta` ({"group": "C4", "field_layout": [...]}), which `fxslim.trace` copies into the
     GraphModule's `meta` so later passes know which channels form one field."""
 
-    def __init__(self, features: nn.Sequential, gpool: GroupMaxPool, pool: nn.Module, head: nn.Sequential,
-                 layout: list[FieldLayout]) -> None:
+    def __init__(
+        self,
+        features: nn.Sequential,
+        gpool: GroupMaxPool,
+        pool: nn.Module,
+        head: nn.Sequential,
+        layout: list[FieldLayout],
+    ) -> None:
         super().__init__()
         self.features, self.gpool, self.pool, self.head = features, gpool, pool, head
         self.fxslim_meta = {"group": f"C{C4_ORDER}", "field_layout": layout}
@@ -119,16 +110,6 @@ def _field_size(ftype: enn.FieldType, where: str) -> int:
     if len(sizes) != 1:
         raise ValueError(f"{where}: fields of mixed sizes {sorted(sizes)} are not supported")
     return sizes.pop()
-
-
-def field_layout(model: nn.Module) -> list[FieldLayout]:
-    """One FieldLayout per R2Conv of an e2cnn model, in module order (any e2cnn model, not only C4Net)."""
-    layout = []
-    for name, m in model.named_modules():
-        if isinstance(m, enn.R2Conv):
-            layout.append(FieldLayout(name, len(m.out_type), _field_size(m.out_type, name),
-                                      len(m.in_type), _field_size(m.in_type, name)))
-    return layout
 
 
 def export_plain(model: C4Net) -> C4NetPlain:

@@ -1,0 +1,258 @@
+"""The e2cnn adapter: lets fxslim trace, analyse and compress models built from e2cnn layers as users write them.
+
+An e2cnn model's forward wraps its input in a `GeometricTensor`, runs e2cnn modules (`R2Conv`,
+`InnerBatchNorm`, `ReLU`, `PointwiseMaxPool`, `GroupPooling`, ...) and unwraps `.tensor`. torch.fx cannot run
+that (GeometricTensor asserts its data is a real tensor; e2cnn forwards assert on field types and shapes), so
+`plain_root` swaps every outermost e2cnn module of a copy of the model for its plain-torch `.export()`
+(GroupPooling for the fx-traceable `GroupMaxPool`, which has a channel rule), and `geometric_tracing` lets the
+tracer treat the GeometricTensor wrap and `.tensor` unwrap as identity. What the export loses is kept as
+metadata in `gm.meta`: the declared symmetry group ("C4", "D4", ...) and the field layout (which channels of
+each R2Conv form one field, the unit that pruning must remove whole). The dependency analyzer reads the
+layout, the pass manager reads the group and checks invariance after every pass. This file never changes the
+caller's model and never imports e2cnn unless the caller already has."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxslim.errors import PassError, TraceError
+
+GROUP_META, LAYOUT_META = "group", "field_layout"
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """How one R2Conv's input and output channels split into fields (a field is the unit of pruning).
+
+    `layer` is the conv's qualified name, the same in the e2cnn model and in its traced plain twin.
+    Output channels are `fields` × `field_size`, field f owning channels [f·field_size, (f+1)·field_size)."""
+
+    layer: str
+    fields: int
+    field_size: int
+    in_fields: int
+    in_field_size: int
+
+
+class GroupMaxPool(nn.Module):
+    """Max over each field's `group_size` consecutive channels: the plain-torch GroupPooling of e2cnn.
+
+    Same result as e2cnn's `MaxPoolChannels` (what `GroupPooling.export()` returns) but fx-traceable: no
+    assert on the input shape, and -1 for the field count so that removing whole fields needs no edit.
+    fxslim keeps it as a leaf with its own channel rule (graph/rules.py): output channel f is input field f."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (-1, self.group_size)).amax(2)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def _enn():
+    """e2cnn.nn when the caller has imported e2cnn (an e2cnn model cannot exist otherwise), else None."""
+    if "e2cnn" not in sys.modules:
+        return None
+    from e2cnn import nn as enn
+
+    return enn
+
+
+def is_e2cnn_model(model: nn.Module) -> bool:
+    enn = _enn()
+    return enn is not None and any(isinstance(m, enn.EquivariantModule) for m in model.modules())
+
+
+def _field_size(ftype, where: str) -> int:
+    sizes = {r.size for r in ftype.representations}
+    if len(sizes) != 1:
+        raise TraceError(f"e2cnn module {where!r}: fields of mixed sizes {sorted(sizes)} are not supported")
+    return sizes.pop()
+
+
+def field_layout(model: nn.Module) -> list[FieldLayout]:
+    """One FieldLayout per R2Conv of an e2cnn model, in module order."""
+    enn = _enn()
+    if enn is None:
+        return []
+    return [
+        FieldLayout(name, len(m.out_type), _field_size(m.out_type, name), len(m.in_type), _field_size(m.in_type, name))
+        for name, m in model.named_modules()
+        if isinstance(m, enn.R2Conv)
+    ]
+
+
+def group_name(model: nn.Module) -> str | None:
+    """The symmetry group the e2cnn modules are declared on ("C4", "D4", ...); TraceError when several."""
+    enn = _enn()
+    names = {
+        m.in_type.gspace.fibergroup.name
+        for m in model.modules()
+        if enn is not None and isinstance(m, enn.EquivariantModule) and hasattr(m, "in_type")
+    }
+    if len(names) > 1:
+        raise TraceError(f"{type(model).__name__} mixes e2cnn modules on different groups: {sorted(names)}")
+    return names.pop() if names else None
+
+
+def rotations(group: str) -> list[int]:
+    """The multiples k of 90° whose rotation `torch.rot90(x, k)` belongs to `group` (C_N, D_N: N % 4 == 0
+    gives 1, 2, 3; N % 2 == 0 gives 2 only); empty when none (then there is nothing to check by rot90)."""
+    m = re.fullmatch(r"[CD](\d+)", group or "")
+    if m is None:
+        return []
+    n = int(m.group(1))
+    return [1, 2, 3] if n % 4 == 0 else [2] if n % 2 == 0 else []
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _export(m: nn.Module, where: str) -> nn.Module:
+    enn = _enn()
+    if isinstance(m, enn.GroupPooling):
+        return GroupMaxPool(_field_size(m.in_type, where))
+    if isinstance(m, enn.SequentialModule):
+        return nn.Sequential(OrderedDict((name, _export(c, f"{where}.{name}")) for name, c in m._modules.items()))
+    try:
+        return m.export()
+    except NotImplementedError as exc:
+        raise TraceError(
+            f"e2cnn module {where!r} ({type(m).__name__}) has no plain-torch export(); make it "
+            "a leaf (leaf_modules=[...]) with a channel rule, or replace it"
+        ) from exc
+
+
+def plain_root(root: nn.Module) -> tuple[nn.Module, dict[int, object]]:
+    """Replace, in `root` (a copy the caller owns), every outermost e2cnn module by its plain-torch export.
+
+    Returns the root (the same object, or its export when the root itself is an e2cnn module) and, per
+    exported module id, the e2cnn output field type (to re-wrap its output while tracing). The exports
+    are deep copies: e2cnn hands back views of its cached expanded filters."""
+    import copy
+
+    enn = _enn()
+    out_types: dict[int, object] = {}
+
+    def swap(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            where = f"{prefix}{name}"
+            if isinstance(child, enn.EquivariantModule):
+                plain = copy.deepcopy(_export(child, where))
+                out_types[id(plain)] = getattr(child, "out_type", None)
+                parent._modules[name] = plain
+            elif child is not None:
+                swap(child, where + ".")
+
+    if isinstance(root, enn.EquivariantModule):
+        raise TraceError(
+            f"{type(root).__name__} is itself an e2cnn module: trace the model that wraps it "
+            "(a forward that builds the GeometricTensor), or trace root.export()"
+        )
+    training = [(m, m.training) for m in root.modules()]
+    swap(root, "")
+    for m, t in training:  # e2cnn's export() switches modules to eval; the copy keeps its caller's flags
+        m.training = t
+    return root, out_types
+
+
+@contextlib.contextmanager
+def geometric_tracing() -> Iterator[None]:
+    """While tracing, a GeometricTensor may hold an fx Proxy (its asserts want a real tensor): the wrap
+    becomes a plain record of (tensor, type), so `GeometricTensor(x, t).tensor` traces as `x`."""
+    from e2cnn.nn import GeometricTensor
+
+    original = GeometricTensor.__init__
+
+    def init(self, tensor, type):  # noqa: A002 (e2cnn's parameter name)
+        if isinstance(tensor, fx.Proxy):
+            self.tensor, self.type = tensor, type
+        else:
+            original(self, tensor, type)
+
+    GeometricTensor.__init__ = init
+    try:
+        yield
+    finally:
+        GeometricTensor.__init__ = original
+
+
+def unwrap_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """GeometricTensor arguments of a plain module call become their `.tensor`."""
+    from e2cnn.nn import GeometricTensor
+
+    def un(a):
+        return a.tensor if isinstance(a, GeometricTensor) else a
+
+    return tuple(un(a) for a in args), {k: un(v) for k, v in kwargs.items()}
+
+
+def wrap_output(out, field_type):
+    """An exported module's output wrapped back in a GeometricTensor of the e2cnn module's output type."""
+    from e2cnn.nn import GeometricTensor
+
+    return out if field_type is None or not isinstance(out, fx.Proxy) else GeometricTensor(out, field_type)
+
+
+def model_meta(model: nn.Module) -> dict:
+    """The metadata fxslim keeps for an e2cnn model: {"group": "C4", "field_layout": [FieldLayout, ...]}."""
+    group = group_name(model)
+    return {GROUP_META: group, LAYOUT_META: field_layout(model)} if group else {}
+
+
+# ---------------------------------------------------------------------------------------------- fields
+
+
+def current_layout(gm: nn.Module, layout: list[FieldLayout]) -> list[FieldLayout]:
+    """`layout` with the field counts read from the convs' current channel counts (after pruning); a layer
+    whose channels are not whole fields is a PassError naming it."""
+    modules = dict(gm.named_modules())
+    out = []
+    for f in layout:
+        conv = modules.get(f.layer)
+        if conv is None or not hasattr(conv, "weight"):
+            continue
+        cout, cin = conv.weight.shape[0], conv.weight.shape[1] * getattr(conv, "groups", 1)
+        if cout % f.field_size or cin % f.in_field_size:
+            raise PassError(
+                f"layer {f.layer!r} has {cout} output / {cin} input channels, not whole fields of "
+                f"{f.field_size} / {f.in_field_size}: a field must be removed whole or not at all"
+            )
+        out.append(replace(f, fields=cout // f.field_size, in_fields=cin // f.in_field_size))
+    return out
+
+
+def fields_to_keep(layout: list[FieldLayout], layer: str, channels) -> np.ndarray:
+    """The field indices of `layer` that keeping output `channels` means; PassError when the channels cut
+    through a field (a misaligned removal breaks equivariance: ../shared/FACTS.md measured 0.2 error)."""
+    entry = next((f for f in layout if f.layer == layer), None)
+    if entry is None:
+        raise PassError(f"no field layout for layer {layer!r}; layers with fields: {[f.layer for f in layout]}")
+    keep = np.zeros(entry.fields * entry.field_size, dtype=bool)
+    keep[np.asarray(channels, dtype=np.int64)] = True
+    per_field = keep.reshape(entry.fields, entry.field_size)
+    split = np.flatnonzero(per_field.any(1) & ~per_field.all(1))
+    if len(split):
+        f = int(split[0])
+        raise PassError(
+            f"keeping channels {np.flatnonzero(per_field[f]).tolist()} of field {f} (channels "
+            f"{f * entry.field_size}..{(f + 1) * entry.field_size - 1}) of layer {layer!r} splits "
+            f"the field ({len(split)} field(s) split): a field of {entry.field_size} channels is "
+            "removed whole or not at all"
+        )
+    return np.flatnonzero(per_field.all(1))

@@ -298,33 +298,84 @@ def drop_block(gm: fx.GraphModule, start: str, end: str, projection: nn.Module |
     """New module where the value of node `end` is replaced by the value of node `start` (the block
     between them becomes identity), through `projection` when given (e.g. a 1×1 conv when channels
     differ). Nodes left without users are removed."""
+    names = {n.name for n in gm.graph.nodes}
+    if start not in names or end not in names:
+        raise PassError(f"drop_block: unknown node {start if start not in names else end!r}")
+    return drop_blocks(gm, [(start, end, projection)], example_inputs)[0]
+
+
+def drop_blocks(gm: fx.GraphModule, blocks: Sequence[tuple[str, str, nn.Module | None]],
+                example_inputs: tuple | None = None) -> tuple[fx.GraphModule, list[str]]:
+    """`drop_block` for many (start, end, projection) blocks at once, in the order given, on one copy with one
+    shape check at the end (one propagation, not one per block). A block whose nodes a block before it
+    already removed (nested in it) is skipped; returns the new module and the ends of the blocks dropped."""
     out = clone_gm(gm)
     nodes = {n.name: n for n in out.graph.nodes}
-    if start not in nodes or end not in nodes:
-        raise PassError(f"drop_block: unknown node {start if start not in nodes else end!r}")
-    s, e = nodes[start], nodes[end]
-    before = e.meta.get("tensor_meta")
-    repl = s
-    if projection is not None:
-        name = f"{end}_projection"
-        out.add_submodule(name, copy.deepcopy(projection))
-        with out.graph.inserting_after(s):
-            repl = out.graph.call_module(name, (s,))
-    e.replace_all_uses_with(repl, delete_user_cb=lambda u: u is not repl)
+    before, dropped = {}, []
+    for start, end, projection in blocks:
+        live = _live(out.graph) if dropped else set(out.graph.nodes)
+        if start not in nodes or end not in nodes or nodes[end] not in live:
+            continue  # inside a block dropped before
+        s, e = nodes[start], nodes[end]
+        repl = s
+        if projection is not None:
+            name = f"{end}_projection"
+            out.add_submodule(name, copy.deepcopy(projection))
+            with out.graph.inserting_after(s):
+                repl = out.graph.call_module(name, (s,))
+        e.replace_all_uses_with(repl, delete_user_cb=lambda u, repl=repl: u is not repl)
+        _out_of_place_users(out, repl)
+        nodes[repl.name] = repl
+        before[repl.name] = e.meta.get("tensor_meta")
+        dropped.append(end)
     out.graph.eliminate_dead_code()
     out.delete_all_unused_submodules()
     out.graph.lint()
     out.recompile()
-    if example_inputs is not None:
-        _check_same_output(out, repl.name, before, example_inputs)
-    return out
+    if example_inputs is not None and dropped:
+        _check_same_outputs(out, before, example_inputs)
+    return out, dropped
+
+
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the output depends on (one walk back from it; fx's dead-code pass is much slower)."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, todo = {out}, [out]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in live:
+                live.add(a)
+                todo.append(a)
+    return live
+
+
+def _out_of_place_users(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make the in-place ops that now read `node` out of place. Once a block is gone, an in-place op may follow
+    one whose backward needs its own output (torchvision's ReLU(inplace) straight after the previous block's
+    ReLU, the residual add between them dropped), which autograd refuses to train; out of place is always
+    correct. Module objects here are the clone's own (clone_gm), so the caller's model is not touched."""
+    for user in list(node.users):
+        if user.op == "call_module":
+            module = gm.get_submodule(user.target)
+            if getattr(module, "inplace", False):
+                module.inplace = False
+        elif user.op == "call_method" and user.target.endswith("_") and hasattr(torch.Tensor, user.target[:-1]):
+            user.target = user.target[:-1]
+        elif user.op == "call_function" and user.kwargs.get("inplace"):
+            user.update_kwarg("inplace", False)
 
 
 def _check_same_output(gm: fx.GraphModule, node: str, before, example_inputs: tuple) -> None:
+    _check_same_outputs(gm, {node: before}, example_inputs)
+
+
+def _check_same_outputs(gm: fx.GraphModule, expected: dict, example_inputs: tuple) -> None:
+    """Propagate shapes; every node named in `expected` (name -> tensor_meta before) must keep its shape."""
     try:
         propagate(gm, example_inputs)
     except Exception as exc:
         raise PassError(f"the rewritten graph does not run: {exc}") from exc
-    after = next(n for n in gm.graph.nodes if n.name == node).meta.get("tensor_meta")
-    if before is not None and after is not None and tuple(before.shape) != tuple(after.shape):
-        raise PassError(f"node {node!r} changed shape {tuple(before.shape)} -> {tuple(after.shape)}")
+    for n in gm.graph.nodes:
+        before, after = expected.get(n.name), n.meta.get("tensor_meta")
+        if before is not None and after is not None and tuple(before.shape) != tuple(after.shape):
+            raise PassError(f"node {n.name!r} changed shape {tuple(before.shape)} -> {tuple(after.shape)}")

@@ -101,6 +101,36 @@ def test_drop_block_makes_the_residual_branch_identity():
     assert "f" in dict(gm.named_modules())
 
 
+def test_drop_block_makes_inplace_ops_after_the_block_out_of_place():
+    """torchvision-style: ReLU(inplace) after the add; with the block gone it would follow the previous block's
+    ReLU, whose output autograd needs: training the result used to fail with an in-place modification error."""
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.relu = nn.ReLU(inplace=True)
+            self.f = nn.Conv2d(4, 4, 1)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.g = nn.Conv2d(4, 4, 1)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.relu(self.a(x))
+            z = self.relu2(y + self.f(y))
+            return self.head((z + self.g(z)).relu_())
+
+    torch.manual_seed(0)
+    model = Blocks()
+    x = torch.randn(2, 3, 4, 4)
+    gm = fxslim.trace(model)
+    new = drop_block(drop_block(gm, "relu", "add", example_inputs=(x,)), "relu2", "add_1", example_inputs=(x,))
+    new(x).sum().backward()  # raised "modified by an inplace operation" before
+    assert model.relu2.inplace and gm.relu2.inplace and not new.relu2.inplace
+    assert "relu" in [n.target for n in new.graph.nodes if n.op == "call_method"]
+    torch.testing.assert_close(new(x), model.head(model.a(x).relu()))
+
+
 def test_drop_block_with_projection_when_channels_differ():
     class Chain(nn.Module):
         def __init__(self):

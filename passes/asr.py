@@ -14,7 +14,8 @@ Placement (where the correction acts):
   the new standard deviation, gives it the full correction γ* = sqrt(v_d / v_p). Its weight is then
   multiplied by γ / γ*, so the channel ends up with ASR's γ instead. Without shrinkage this is exactly BN-only
   recalibration; with it, channels whose signal collapsed are no longer blown up to full variance by the BN;
-  layer-wise mode gives the whole layer one scale after re-centring.
+  layer-wise mode gives the whole layer one scale after re-centring. With recalibrate_bn=False the BN keeps
+  its statistics and its weight is simply multiplied by γ.
   A layer without a BN behind it is repaired at its own output, as with "conv".
 
 The dense model is the pruned model with the state saved by `magnitude_prune` (gm.meta) put back, or else
@@ -324,7 +325,8 @@ class _Repair(fx.Interpreter):
         v_p = channel_variance(result, dim)
         g, s = gamma(self.v_dense[n.name], v_p, **self.options)
         self._note(site, g, s, v_p)
-        full, _ = gamma(self.v_dense[n.name], v_p, mode="channel", shrinkage=False)
+        # what the BN itself will do to the channel: the full correction γ* once re-estimated, else nothing
+        full = gamma(self.v_dense[n.name], v_p, mode="channel", shrinkage=False)[0] if self.recalibrate else 1.0
         if site.bn_node is not None and result.dim() in (2, 3, 4, 5) and (dim == 1 or result.dim() == 2):
             self.pending[site.bn_node] = (g, full)
             return result
@@ -341,8 +343,9 @@ class _Repair(fx.Interpreter):
         bn.running_var = var.to(bn.running_var.dtype)
         bn.num_batches_tracked = torch.ones_like(bn.num_batches_tracked)
 
-    def _apply_at_bn(self, site: Site, g: torch.Tensor, g_star: torch.Tensor) -> None:
-        """The re-estimated BN gives the channel its full correction γ*; weight · γ / γ* gives it γ instead."""
+    def _apply_at_bn(self, site: Site, g: torch.Tensor, g_star: torch.Tensor | float) -> None:
+        """The re-estimated BN gives the channel its full correction γ*; weight · γ / γ* gives it γ instead
+        (γ* = 1 when the BN keeps its statistics)."""
         bn = self.module.get_submodule(site.bn)
         rho = g / g_star
         if bn.weight is not None:

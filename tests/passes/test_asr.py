@@ -205,6 +205,16 @@ def test_placement_warning_a_scale_before_a_reestimated_bn_is_cancelled() -> Non
     torch.testing.assert_close(outputs(naive.module, data), outputs(bn_only, data), atol=1e-4, rtol=1e-4)
 
 
+def test_bn_placement_without_recalibration_scales_the_bn_weight_by_gamma() -> None:
+    pruned, ctx, data = pruned_bn_net()
+    res = asr.run(pruned, ctx, placement="bn", recalibrate_bn=False, samples=256)
+    g = f64(res.record["channels"]["conv1"]["gamma"]).float()
+    torch.testing.assert_close(res.module.bn1.weight, pruned.bn1.weight * g, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(res.module.bn1.bias, pruned.bn1.bias, rtol=0, atol=0)
+    assert torch.equal(res.module.bn1.running_var, pruned.bn1.running_var)
+    assert torch.equal(res.module.conv1.weight, pruned.conv1.weight)
+
+
 def test_composes_with_prune_channels_and_exports_to_onnx(tmp_path) -> None:
     torch.manual_seed(0)
     model = BNNet().eval()

@@ -10,7 +10,9 @@ scikit-learn digits (1×8×8), ResNet-20-1D on synthetic AMR (11 classes, 2×128
 without BN recalibration. Every repair sees the same 1024 calibration samples drawn from the training split
 with the calibration seed (3 seeds: mean ± std of test accuracy). Also times `asr` on ResNet-20 with 1024
 calibration samples at the CIFAR input size (3×32×32, random weights and inputs) and plots per-channel
-variances (dense vs pruned vs repaired). --quick: one seed, 90% and 2:4 only, a smaller AMR set."""
+variances (dense vs pruned vs repaired). The AMR set is 30 frames per (class, SNR) by default (6,600
+frames; training the baseline on the default 100 takes several minutes on this 2-core machine): --amr-n.
+--quick: one seed, 90% and 2:4 only, 20 AMR frames per (class, SNR)."""
 
 from __future__ import annotations
 
@@ -276,6 +278,28 @@ def markdown(
             for m, r in v["models"].items()
         )
         lines.append(f"- placement `{placement}`: {'MET' if v['target_met'] else 'not met'} ({detail})")
+    lines += [
+        "",
+        "## Methods",
+        "",
+        "- `none`: pruned weights, BatchNorm statistics of the dense model.",
+        "- `BN-only`: `bn_recalibrate` on the calibration samples (cumulative statistics over 8 batches).",
+        "- `LW`: layer-wise repair, one γ = sqrt(mean v_d / mean v_p) per layer; `ASR`: one γ per output",
+        "  channel, γ = s γ* + (1 − s), γ* = sqrt(v_d / v_p), s = v_p / (v_p + λ), λ = 0.05 × the layer's",
+        "  median v_p; `ASR-noshrink`: γ = γ*. Variances at each conv/linear output on the calibration",
+        "  samples, dense vs pruned, layer by layer (each layer measured after the earlier ones are repaired).",
+        "- placement `conv` (the paper's order): γ folded into the layer's output rows, then `bn_recalibrate`.",
+        "  The re-estimated BN divides the scale out again, so at every conv followed by a BN this is BN-only;",
+        "  only the final linear layer (no BN behind it) differs.",
+        "- placement `bn`: each BN re-estimated in sequence (re-centring the channel and giving it the full",
+        "  correction γ*), then its weight multiplied by γ / γ*, so the channel ends with the method's γ.",
+        "  `ASR-noshrink+BN bn` is therefore BN-only again (up to the final linear and one-batch vs",
+        "  8-batch statistics); `LW+BN bn` gives each layer one scale after re-centring.",
+        "- `(no BN)`: the repair alone, BN statistics left as they were.",
+        "",
+        "Per-channel variances (test inputs) at the last conv of each model, dense vs pruned vs repaired:",
+        "`docs/asr_variance_<model>.png`.",
+    ]
     t = timing
     lines += [
         "",
@@ -295,17 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--amr-n", type=int, default=None, help="AMR frames per (class, SNR); default 100, --quick 20")
+    p.add_argument("--amr-n", type=int, default=None, help="AMR frames per (class, SNR); default 30, --quick 20")
     p.add_argument("--json", default=None, help="append one JSON line of figures to this file")
     p.add_argument("--write-md", default=None)
     p.add_argument("--plot-dir", default=None, help="write asr_variance_<model>.png here")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument(
+        "--merge-json",
+        default=None,
+        help="also tabulate the rows of earlier runs (JSON lines written by --json) for other models",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",")
     seeds = [0] if args.quick else list(range(args.seeds))
     sparsities = ["0.9", "2:4"] if args.quick else SPARSITIES
-    amr_n = args.amr_n or (20 if args.quick else 100)
+    amr_n = args.amr_n or (20 if args.quick else 30)
 
     rows, infos = [], []
     bar = tqdm(total=len(models) * len(sparsities) * len(seeds) * len(METHODS), desc="repairs", disable=None)
@@ -314,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         infos.append(info)
     bar.close()
+    ran, merged = list(models), []
+    if args.merge_json:
+        for line in Path(args.merge_json).read_text().splitlines():
+            earlier = json.loads(line)
+            new = [i for i in earlier["infos"] if i["model"] not in models]
+            infos += new
+            models += [i["model"] for i in new]
+            rows += [r for r in earlier["rows"] if r["model"] in {i["model"] for i in new}]
+            if new:
+                merged.append(f"{', '.join(i['model'] for i in new)}: `{earlier['command']}` at `{earlier['commit']}`")
     agg = aggregate(rows)
     verdict = verdicts(agg, models)
     timing = {} if args.no_timing else time_asr()
@@ -360,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.plot_dir:
         for key, points in PLOT_POINTS.items():
-            if key in models:
+            if key in ran:
                 variance_plot(key, amr_n, seeds[0], "0.9", points, Path(args.plot_dir) / f"asr_variance_{key}.png")
     return 0
 

@@ -256,3 +256,56 @@ def fields_to_keep(layout: list[FieldLayout], layer: str, channels) -> np.ndarra
             "removed whole or not at all"
         )
     return np.flatnonzero(per_field.all(1))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def can_symmetrize(gm: nn.Module) -> bool:
+    """True when `gm` declares C4 with regular (size 4) or trivial (size 1) fields: `symmetrize_` applies."""
+    layout = getattr(gm, "meta", {}).get(LAYOUT_META) or []
+    sizes = {s for f in layout for s in (f.field_size, f.in_field_size)}
+    return getattr(gm, "meta", {}).get(GROUP_META) == "C4" and bool(layout) and sizes <= {1, 4}
+
+
+def _field_mean(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t.reshape(-1, size).mean(1, keepdim=True).expand(-1, size).reshape(t.shape)
+
+
+@torch.no_grad()
+def symmetrize_(gm: fx.GraphModule) -> None:
+    """Project the layout convs (and the BatchNorms right after them) of a C4 model onto the equivariant
+    subspace, in place: the Reynolds average W <- 1/4 sum_r P_out^r rot90(W, r) P_in^-r over the group
+    (Weiler & Cesa 2019, Sec. 2: equivariant kernels are the fixed points of the group action), where P
+    shifts the 4 channels of each regular field by one; BN statistics and affine terms become the mean
+    over each field's channels (InnerBatchNorm shares them). An e2cnn export is a fixed point (to fp32
+    rounding); after a gradient step on the plain twin it restores exact invariance. Only for models for
+    which `can_symmetrize` is True; the caller owns `gm` (finetune's copy)."""
+    modules = dict(gm.named_modules())
+    sizes = {}
+    for f in gm.meta.get(LAYOUT_META, []):
+        conv = modules.get(f.layer)
+        if conv is None:
+            continue
+        w = conv.weight
+        co, ci = w.shape[:2]
+        acc = torch.zeros_like(w)
+        for r in range(4):
+            wr = torch.rot90(w, r, (2, 3)).reshape(co // f.field_size, f.field_size, ci, *w.shape[2:])
+            wr = wr.roll(r, 1).reshape(co, ci, *w.shape[2:]) if f.field_size > 1 else wr.reshape(w.shape)
+            if f.in_field_size > 1:
+                wr = wr.reshape(co, ci // 4, 4, *w.shape[2:]).roll(r, 2).reshape(w.shape)
+            acc += wr
+        w.copy_(acc / 4)
+        if conv.bias is not None and f.field_size > 1:
+            conv.bias.copy_(_field_mean(conv.bias, f.field_size))
+        sizes[f.layer] = f.field_size
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or sizes.get(src.target, 1) == 1:
+            continue
+        bn = modules[node.target]
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                if t is not None:
+                    t.copy_(_field_mean(t, sizes[src.target]))

@@ -208,3 +208,31 @@ def test_field_pruning_keeps_invariance_and_output_shapes(
     for f, n in zip(res.module.meta["field_layout"], fields, strict=True):
         assert f.fields == max(1, int(np.floor(n * (1 - ratio))))
         assert res.module.get_submodule(f.layer).out_channels == 4 * f.fields
+
+
+# ---- fine-tuning keeps the symmetry --------------------------------------------------------------------------
+
+
+def test_symmetrize_fixes_exports_and_restores_invariance_of_perturbed_weights():
+    gm, x = fxslim.trace(_c4net()), _x()
+    fixed = fxslim.trace(_c4net())
+    e2cnn_adapter.symmetrize_(fixed)
+    torch.testing.assert_close(fixed(x), gm(x), atol=1e-5, rtol=0)  # an e2cnn export is a fixed point
+    with torch.no_grad():
+        for p in fixed.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert pm.symmetry_error(fixed, (x,)) > 1e-2  # plain weights lose the invariance...
+    e2cnn_adapter.symmetrize_(fixed)
+    assert pm.symmetry_error(fixed, (x,)) < 1e-4  # ...the projection gives it back
+
+
+def test_finetune_after_field_pruning_keeps_invariance():
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    recipe = [
+        {"pass": "equivariant_prune", "scope": "fields", "ratio": 0.5},
+        {"pass": "finetune", "epochs": 2, "lr": 1e-2, "kd_temperature": 4.0},
+    ]
+    res = fxslim.compress(_c4net(), (_x(),), recipe, data=data)
+    ft = res.report[1]
+    assert ft.changed and ft.details["symmetrized"] is True and ft.symmetry_error < 1e-4

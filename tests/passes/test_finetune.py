@@ -196,3 +196,34 @@ def test_missing_data_or_teacher_raise_pass_errors() -> None:
 def test_bad_option_values_are_recipe_errors(bad: dict) -> None:
     with pytest.raises(RecipeError, match="finetune"):
         finetune.run(chance_model(), ctx_for(batches()), **bad)
+
+
+def test_adaptive_skips_training_when_the_drop_is_small() -> None:
+    good = finetune.run(chance_model(), ctx_for(batches()), epochs=3, lr=1e-2).module
+    res = finetune.run(good, ctx_for(batches(), reference=good), epochs=3, lr=1e-2, adaptive=True)
+    rec = res.record
+    assert not res.changed and rec["trained"] is False and rec["steps"] == 0
+    assert rec["drop_before"] == 0.0 and rec["acc_after"] == rec["acc_before"] > 0.9
+    for k, v in good.state_dict().items():
+        assert torch.equal(res.module.state_dict()[k], v), k
+
+
+def test_adaptive_trains_when_the_drop_exceeds_min_drop() -> None:
+    good = finetune.run(chance_model(), ctx_for(batches()), epochs=3, lr=1e-2).module
+    options = {**finetune.PAPER_ADAPTIVE, "epochs": 4, "lr": 1e-2, "patience": 2}
+    res = finetune.run(chance_model(), ctx_for(batches(), reference=good), **options)
+    rec = res.record
+    assert res.changed and rec["trained"] is True and rec["steps"] > 0
+    assert rec["acc_before"] == 0.5 and rec["drop_before"] > 0.4  # chance vs a trained reference
+    assert rec["acc_after"] > 0.9 and accuracy(res.module) > 0.9
+    # a threshold above the drop skips training
+    skipped = finetune.run(chance_model(), ctx_for(batches(), reference=good), adaptive=True, min_drop=0.6)
+    assert skipped.record["trained"] is False and not skipped.changed
+
+
+def test_adaptive_needs_a_reference_and_a_valid_threshold() -> None:
+    with pytest.raises(PassError, match="adaptive"):
+        finetune.run(chance_model(), ctx_for(batches()), adaptive=True)
+    for bad in ({"min_drop": 1.0}, {"min_drop": -0.1}, {"adaptive": "yes"}):
+        with pytest.raises(RecipeError, match="finetune"):
+            finetune.run(chance_model(), ctx_for(batches(), reference=chance_model()), **bad)

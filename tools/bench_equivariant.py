@@ -1,0 +1,479 @@
+"""Equivariant compression benchmark: a C4 e2cnn CNN on rotated digits, pruned, fine-tuned and quantized.
+
+It trains (or loads the cached) `c4net` baseline on rotated digits (28×28, random multiples of 90°), then,
+all in the same process:
+
+- `linear p`: equivariant_prune(scope="linear", ratio=p), the paper's FC-only L2 pruning, p in 30/50/70%
+- `fields p`: equivariant_prune(scope="fields", ratio=p), whole-field R2Conv pruning, p in 30/50%
+  each with no fine-tune, the adaptive fine-tune (`finetune.PAPER_ADAPTIVE`: only when the held-out drop
+  exceeds 2 points; Adam 1e-3, ReduceLROnPlateau(0.5, 10), early stopping) and the same with KD (T=4);
+- `unaligned 50%`: the e2cnn model's conv channels pruned one by one (L1, analysis with fields=False, applied
+  outside the pass manager, which would refuse it): how much invariance a misaligned cut breaks;
+- `plain CNN`: the same layers and MACs as the C4 net's plain twin, trained from random init as an ordinary
+  CNN, then prune_channels(0.5) + the same adaptive fine-tune (no equivariance to keep);
+- `INT8`: the fields-50% + adaptive fine-tune model through quantize(backend="ort_static") (the deployment
+  path) and quantize(backend="torch_dynamic") (the paper's).
+
+Per row: test accuracy, drop vs baseline (points), invariance error (max |f(rot90^k x) − f(x)| over a test
+batch), params, MACs, fine-tune epochs, ONNX bytes, and onnxruntime latency (process CPU time, one thread,
+interleaved, batch 1 and 64) with its speed-up over the fp32 baseline. Measurement only.
+
+    python tools/bench_equivariant.py --quick
+    python tools/bench_equivariant.py --json out/equivariant.jsonl --write-md docs/results/equivariant.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import fxslim  # noqa: E402
+from fxslim.export import export_report, ort_latency  # noqa: E402
+from fxslim.graph.cost import count  # noqa: E402
+from fxslim.graph.deps import analyze  # noqa: E402
+from fxslim.importance import atom_scores  # noqa: E402
+from fxslim.passes.finetune import PAPER_ADAPTIVE  # noqa: E402
+from fxslim.rewrite import ChannelPlan, apply_plan  # noqa: E402
+from fxslim.training import evaluate_accuracy, fit  # noqa: E402
+from fxslim.zoo.train import TrainConfig, train_baseline  # noqa: E402
+
+FULL = {
+    "base_epochs": 30,
+    "ft_epochs": 8,
+    "ft_patience": 3,
+    "linear": [0.3, 0.5, 0.7],
+    "fields": [0.3, 0.5],
+    "latency_budget": 1.0,
+    "plain_epochs": 20,
+}
+QUICK = {
+    "base_epochs": 3,
+    "ft_epochs": 2,
+    "ft_patience": 1,
+    "linear": [0.5],
+    "fields": [0.5],
+    "latency_budget": 0.2,
+    "plain_epochs": 3,
+}
+FT_MODES = ("none", "adaptive", "adaptive+KD")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="3 training epochs, one ratio per scope, 2 FT epochs")
+    p.add_argument("--ft-epochs", type=int, help="fine-tune epoch cap (default 8; the paper: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="append one JSON line of all figures to this file")
+    p.add_argument("--write-md", help="write the results table to this markdown file")
+    p.add_argument("--plot", default=str(REPO / "docs" / "equivariant_accuracy_vs_params.png"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # e2cnn 0.2.3 uint8 masks; torch.ao deprecation
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.ft_epochs is not None:
+        cfg["ft_epochs"] = args.ft_epochs
+    t0 = time.perf_counter()
+    rows = run(cfg, args.seed)
+    wall = time.perf_counter() - t0
+    figures = {
+        "bench": "equivariant",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "config": cfg,
+        "rows": rows,
+        "wall_s": wall,
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+    }
+    print(table(rows))
+    plot = plot_rows(rows, Path(args.plot))
+    print(f"plot: {plot}; wall {wall:.0f} s")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(figures) + "\n")
+    if args.write_md:
+        Path(args.write_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_md).write_text(markdown(figures, plot))
+    return 0
+
+
+def run(cfg: dict, seed: int) -> list[dict]:
+    config = TrainConfig(epochs=cfg["base_epochs"], seed=seed)
+    trained = train_baseline("c4net", "rotated_digits", config=config)
+    ds, model = trained.dataset, trained.model.eval()
+    x1 = ds.test[0][0][:1]
+    probe = ds.test[0][0][:64]  # the invariance probe: 64 rotated test digits
+    ft_data = ds.train + ds.val  # finetune holds out the last batches (= ds.val) for its drop and early stop
+    val_fraction = (len(ds.val) - 0.5) / len(ft_data)
+    base_gm = fxslim.trace(model)
+    rows: list[dict] = []
+    timed: dict[str, tuple[nn.Module, str]] = {}  # ORT latency: name -> (module, "fp32" | "int8")
+
+    def record(
+        name: str,
+        gm: nn.Module,
+        group: str,
+        ft: str = "none",
+        ft_epochs: int | None = None,
+        extra: dict | None = None,
+        cost_of: nn.Module | None = None,
+    ) -> dict:
+        acc = evaluate_accuracy(gm, ds.test)
+        params, macs = _params_of(cost_of if cost_of is not None else gm, x1)
+        row = {
+            "name": name,
+            "key": f"{name} / {ft}",
+            "group": group,
+            "finetune": ft,
+            "accuracy": acc,
+            "drop_pts": 100 * (rows[0]["accuracy"] - acc) if rows else 0.0,
+            "invariance_error": _rot_error(gm, probe),
+            "params": params,
+            "macs": macs,
+            "ft_epochs": ft_epochs,
+            **(extra or {}),
+        }
+        rows.append(row)
+        tqdm.write(f"{name:32s} {ft:12s} acc {acc:.4f}  inv {row['invariance_error']:.2e}")
+        return row
+
+    record("C4 baseline", base_gm, "baseline")
+    timed["C4 baseline / none"] = (base_gm, "fp32")
+    steps = [("linear", p) for p in cfg["linear"]] + [("fields", p) for p in cfg["fields"]]
+    final = None
+    for scope, ratio in tqdm(steps, desc="pruning configs"):
+        for ft in FT_MODES:
+            recipe: list = [{"pass": "equivariant_prune", "scope": scope, "ratio": ratio}]
+            if ft != "none":
+                opts = {
+                    **PAPER_ADAPTIVE,
+                    "epochs": cfg["ft_epochs"],
+                    "patience": cfg["ft_patience"],
+                    "val_fraction": val_fraction,
+                }
+                if ft == "adaptive+KD":
+                    opts["kd_temperature"] = 4.0
+                recipe.append({"pass": "finetune", **opts})
+            res = fxslim.compress(model, (x1,), recipe, data=ft_data, seed=seed)
+            ft_rec = res.report[-1].details if ft != "none" else {}
+            name = f"{scope} {int(round(ratio * 100))}%"
+            epochs = (ft_rec["epochs"] if ft_rec.get("trained") else 0) if ft != "none" else None
+            record(
+                name,
+                res.module,
+                scope,
+                ft,
+                epochs,
+                {
+                    "pm_invariance_error": max(r.symmetry_error for r in res.report),
+                    "held_out_drop_pts": 100 * ft_rec["drop_before"] if ft_rec else None,
+                },
+            )
+            if (scope, ratio, ft) == ("fields", 0.5, "adaptive"):
+                final = res.module
+                timed[f"{name} / {ft}"] = (final, "fp32")
+    rows.append(unaligned(base_gm, ds, probe, x1, rows[0]["accuracy"]))
+    rows += plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, rows[0]["accuracy"])
+    if final is not None:
+        for backend in ("ort_static", "torch_dynamic"):
+            res = fxslim.compress(
+                final,
+                (x1,),
+                [{"pass": "quantize", "backend": backend, "eval_batches": 0}],
+                data=ds.train[:8],
+                seed=seed,
+            )
+            rec = res.report[0].details
+            ops = rec.get("quantized_ops") or {"dynamic Linear": rec.get("quantized_linear")}
+            name = f"fields 50% + INT8 {backend}"
+            record(
+                name,
+                res.module,
+                "int8",
+                "adaptive",
+                None,
+                {"quantized_ops": ops, "pm_invariance_error": res.report[0].symmetry_error},
+                cost_of=final,
+            )
+            if backend == "ort_static":
+                timed[f"{name} / adaptive"] = (final, "int8")
+    latency(rows, timed, ds, cfg["latency_budget"])
+    rows += zoo_int8_latency(cfg["latency_budget"], seed)
+    return rows
+
+
+def zoo_int8_latency(budget: float, seed: int) -> list[dict]:
+    """ORT static INT8 vs fp32 on two zoo CNNs at CIFAR size (random weights: latency does not depend on
+    training), batch 1 and 64: the speed-up the deployment path gives on larger convs than the C4 net's."""
+    from fxslim.zoo import models as zoo
+    from fxslim.zoo.randnet import randomize_bn
+
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_equivariant_zoo_"))
+    for name in ("resnet20", "vgg_bn"):
+        torch.manual_seed(seed)
+        model = randomize_bn(zoo.build(name), seed=seed).eval()
+        row = {"name": f"zoo {name} fp32 vs INT8 ort_static (latency only)", "group": "zoo-latency"}
+        for batch in (1, 64):
+            x = torch.rand(batch, 3, 32, 32)
+            path = tmp / f"{name}_b{batch}.onnx"
+            rep = export_report(model, (x,), path, quantize="int8", calib_data=[torch.rand(64, 3, 32, 32)] * 2)
+            t = ort_latency({"fp32": str(rep.fp32_path), "int8": str(path)}, x, budget_s=budget)
+            row[f"fp32_ms_b{batch}"], row[f"int8_ms_b{batch}"] = 1e3 * t["fp32"], 1e3 * t["int8"]
+            row[f"speedup_b{batch}"] = t["fp32"] / t["int8"]
+            row["quantized_ops"] = rep.quantized_ops
+        tqdm.write(f"{row['name']}: speed-up b1 {row['speedup_b1']:.2f}x, b64 {row['speedup_b64']:.2f}x")
+        out.append(row)
+    return out
+
+
+def _params_of(gm: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    c = count(gm, (x,))
+    return c.params, c.macs
+
+
+def _rot_error(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        y = model(x)
+        return max(float((model(torch.rot90(x, k, (2, 3))) - y).abs().max()) for k in (1, 2, 3))
+
+
+def unaligned(base_gm: fx.GraphModule, ds, probe: torch.Tensor, x1: torch.Tensor, base_acc: float) -> dict:
+    """Half the channels of every e2cnn conv removed one by one, ignoring fields. The channels of a field
+    have equal norms (rotated copies of one filter), so a magnitude criterion ties and happens to cut whole
+    fields; a seeded random choice stands for a pruner that is blind to fields."""
+    dg = analyze(base_gm, (x1,), fields=False)
+    scores = atom_scores(dg, "random", seed=1)
+    plan = ChannelPlan(dg)
+    layers = {f.layer for f in base_gm.meta["field_layout"]}
+    for g in dg.prunable_groups:
+        if not any(m.node.startswith(tuple(layer + ".weight" for layer in layers)) for m in g.members):
+            continue
+        order = np.argsort(scores[g.atoms], kind="stable")
+        plan.target[g.atoms[order[: g.size // 2]]] = -1
+    gm = apply_plan(base_gm, plan)
+    acc = evaluate_accuracy(gm, ds.test)
+    params, macs = _params_of(gm, x1)
+    row = {
+        "name": "unaligned channels 50% (random)",
+        "group": "unaligned",
+        "finetune": "none",
+        "accuracy": acc,
+        "drop_pts": 100 * (base_acc - acc),
+        "invariance_error": _rot_error(gm, probe),
+        "params": params,
+        "macs": macs,
+        "ft_epochs": None,
+    }
+    tqdm.write(f"{row['name']:38s} acc {acc:.4f}  inv {row['invariance_error']:.2e}")
+    return row
+
+
+def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc) -> list[dict]:
+    """The C4 net's plain twin architecture (same layers, MACs) from random init, trained as a plain CNN."""
+    gm = copy.deepcopy(base_gm)
+    gm.meta.clear()  # an ordinary CNN: no group, no fields
+    torch.manual_seed(seed)
+    for m in gm.modules():
+        if hasattr(m, "reset_parameters") and m is not gm:
+            m.reset_parameters()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    fit(
+        gm,
+        lambda e: (ds.train, ds.val),
+        epochs=cfg["plain_epochs"],
+        lr=1e-3,
+        scheduler="step",
+        step_size=10,
+        gamma=0.8,
+        patience=8,
+        seed=seed,
+        desc="plain CNN",
+    )
+    out = []
+    for name, recipe in (
+        ("plain CNN", None),
+        (
+            "plain CNN prune_channels 50%",
+            [
+                {"pass": "prune_channels", "ratio": 0.5},
+                {
+                    "pass": "finetune",
+                    **PAPER_ADAPTIVE,
+                    "epochs": cfg["ft_epochs"],
+                    "patience": cfg["ft_patience"],
+                    "val_fraction": val_fraction,
+                },
+            ],
+        ),
+    ):
+        module = gm if recipe is None else fxslim.compress(gm, (x1,), recipe, data=ft_data, seed=seed).module
+        acc = evaluate_accuracy(module, ds.test)
+        params, macs = _params_of(module, x1)
+        out.append(
+            {
+                "name": name,
+                "group": "plain",
+                "finetune": "none" if recipe is None else "adaptive",
+                "accuracy": acc,
+                "drop_pts": 100 * (base_acc - acc),
+                "invariance_error": _rot_error(module, probe),
+                "params": params,
+                "macs": macs,
+                "ft_epochs": None,
+            }
+        )
+        tqdm.write(f"{name:38s} acc {acc:.4f}  inv {out[-1]['invariance_error']:.2e}")
+    return out
+
+
+def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, str]], ds, budget: float) -> None:
+    """ONNX size and ORT process CPU time per run at batch 1 and 64 (files exported at that batch size,
+    INT8 calibrated on 8 training batches), interleaved, with the speed-up over the fp32 baseline."""
+    by_name = {r["key"]: r for r in rows if "key" in r}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_equivariant_"))
+    calib = ds.train[:8]
+    for batch in (1, 64):
+        x = torch.cat([b[0] for b in ds.test])[:batch]
+        files = {}
+        for i, (name, (module, kind)) in enumerate(timed.items()):
+            path = tmp / f"{i}_b{batch}.onnx"
+            export_report(
+                module,
+                (x,),
+                path,
+                quantize="int8" if kind == "int8" else None,
+                calib_data=calib if kind == "int8" else None,
+            )
+            files[name] = str(path)
+            if batch == 1:
+                by_name[name]["onnx_bytes"] = path.stat().st_size
+        t = ort_latency(files, x, budget_s=budget)
+        for name, seconds in t.items():
+            by_name[name][f"ort_ms_b{batch}"] = 1e3 * seconds
+            by_name[name][f"speedup_b{batch}"] = t["C4 baseline / none"] / seconds
+
+
+def table(rows: list[dict]) -> str:
+    head = [
+        "model",
+        "fine-tune",
+        "acc %",
+        "drop pts",
+        "inv. error",
+        "params",
+        "MACs",
+        "FT ep",
+        "ONNX KB",
+        "ORT ms b1",
+        "speed-up b1",
+        "ORT ms b64",
+        "speed-up b64",
+    ]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if r["group"] == "zoo-latency":
+            continue
+        lines.append(
+            " | ".join(
+                [
+                    r["name"],
+                    r["finetune"],
+                    f"{100 * r['accuracy']:.2f}",
+                    f"{r['drop_pts']:+.2f}",
+                    f"{r['invariance_error']:.1e}",
+                    _fmt(r.get("params")),
+                    _fmt(r.get("macs")),
+                    "" if r.get("ft_epochs") is None else str(r["ft_epochs"]),
+                    "" if r.get("onnx_bytes") is None else f"{r['onnx_bytes'] / 1024:.1f}",
+                    "" if r.get("ort_ms_b1") is None else f"{r['ort_ms_b1']:.3f}",
+                    "" if r.get("speedup_b1") is None else f"{r['speedup_b1']:.2f}x",
+                    "" if r.get("ort_ms_b64") is None else f"{r['ort_ms_b64']:.2f}",
+                    "" if r.get("speedup_b64") is None else f"{r['speedup_b64']:.2f}x",
+                ]
+            )
+        )
+    zoo = [r for r in rows if r["group"] == "zoo-latency"]
+    zoo_lines = [
+        "",
+        "| zoo CNN (3×32×32) | fp32 ms b1 | INT8 ms b1 | speed-up b1 | fp32 ms b64 | INT8 ms b64 "
+        "| speed-up b64 | quantized ops |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    zoo_lines += [
+        f"| {r['name'].split()[1]} | {r['fp32_ms_b1']:.3f} | {r['int8_ms_b1']:.3f} | {r['speedup_b1']:.2f}x "
+        f"| {r['fp32_ms_b64']:.1f} | {r['int8_ms_b64']:.1f} | {r['speedup_b64']:.2f}x "
+        f"| {r['quantized_ops']} |"
+        for r in zoo
+    ]
+    return "\n".join(["| " + ln + " |" for ln in lines] + (zoo_lines if zoo else []))
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:,}"
+
+
+def plot_rows(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for group, marker in (
+        ("baseline", "*"),
+        ("linear", "o"),
+        ("fields", "s"),
+        ("unaligned", "x"),
+        ("plain", "^"),
+        ("int8", "D"),
+    ):
+        pts = [(r["params"], 100 * r["accuracy"]) for r in rows if r["group"] == group and r.get("params")]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=group)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (fp32 count)")
+    ax.set_ylabel("test accuracy on rotated digits (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown(figures: dict, plot: Path) -> str:
+    return "\n".join(
+        [
+            "# Equivariant compression: C4 e2cnn CNN on rotated digits",
+            "",
+            f"Produced by `python tools/bench_equivariant.py{' --quick' if figures['quick'] else ''}` on "
+            f"{figures['date']} ({figures['machine']}), wall {figures['wall_s']:.0f} s. Config: `{figures['config']}`.",
+            "",
+            table(figures["rows"]),
+            "",
+            f"![accuracy vs params](../{plot.name})",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

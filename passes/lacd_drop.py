@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from torch import fx, nn
 
 from fxslim.errors import PassError, RecipeError
@@ -182,6 +180,10 @@ def _pool(t: torch.Tensor) -> np.ndarray:
 
 def _probe(features: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Held-out accuracy of a logistic-regression probe (70% fit, 30% scored, seeded split)."""
+    # Imported here: scikit-learn takes seconds to import, and every recipe loads every pass module.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     order = np.random.default_rng(seed).permutation(len(y))
     cut = int(0.7 * len(y))
     fit, score = order[:cut], order[cut:]

@@ -70,7 +70,10 @@ MD_LEGEND = (
     "{size}x{size} unless noted (see `SPECIAL` in the tool). *seconds* = wall time of `fxslim.compress` (trace, "
     "shapes, analysis, pruning, cost recount); *params*/*MACs* = after/before; *onnx err* = max abs "
     "ORT-vs-PyTorch error of the pruned model; *out max* = its max |output| (random-init logits are small, read "
-    "the error against it); *#unsup* = ops `fxslim.analyze` left unsupported; *groups* = prunable/total."
+    "the error against it); *#unsup* = ops `fxslim.analyze` left unsupported; *groups* = prunable/total. "
+    "*TP* columns (with `--torch-pruning`): the Torch-Pruning package on the same model in the same run "
+    "(MagnitudePruner L1, ratio {ratio}, classifier ignored), its status, its process CPU seconds from "
+    "dependency-graph build to the end of pruning, and that over fxslim.compress's process CPU seconds."
 )
 
 QUICK = [
@@ -203,6 +206,7 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
     import torchvision
 
     import fxslim
+    from fxslim.recipe import registry
 
     try:
         torch.manual_seed(0)
@@ -231,9 +235,10 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
 
     step("rewrite")
     try:
-        t0 = time.perf_counter()
+        registry()  # importing the pass modules is a once-per-process cost, not per-model work
+        t0, c0 = time.perf_counter(), time.process_time()
         res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": RATIO}])
-        rec["compress_s"] = time.perf_counter() - t0
+        rec["compress_s"], rec["compress_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     except Exception as exc:
         raise StageFailure(_stage_of(exc, "rewrite"), exc) from exc
     first, last = res.report[0], res.report[-1]
@@ -286,10 +291,65 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
                 rec["ort_error"] = f"{type(exc).__name__}: {_first_line(str(exc))}"
 
 
+def bench_torch_pruning(name: str, *, progress: Path | None = None) -> dict[str, Any]:
+    """The same job with the Torch-Pruning package (the peer): its L1 MagnitudePruner at ratio 0.5 with the
+    classifier layers ignored (its documented usage), timed from dependency-graph build to the end of
+    pruning; then forward, output shape, params/MACs (fxslim's counter, for both) and ONNX parity."""
+    import torch
+    import torch_pruning as tp
+    import torchvision
+    from torch import nn
+
+    import fxslim
+
+    sp = spec_of(name)
+    rec: dict[str, Any] = {"status": "running", "stage": "setup", "error": None}
+
+    def step(stage: str) -> None:
+        rec["stage"] = stage
+        if progress is not None:
+            progress.write_text(json.dumps(rec))
+
+    step("setup")
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, **sp.kwargs).eval()
+        _randomize_zero_weights(model)
+        x = torch.randn(1, 3, sp.size, sp.size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = tuple(model(x).shape)
+        before = fxslim.count(model, (x,))
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)
+                 and getattr(m, "out_features", getattr(m, "out_channels", None)) == want[-1]]
+        step("prune")
+        t0, c0 = time.perf_counter(), time.process_time()
+        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=RATIO, ignored_layers=heads)
+        pruner.step()
+        rec["seconds"], rec["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        step("forward")
+        with torch.no_grad():
+            got = model(x)
+        if tuple(got.shape) != want:
+            raise ValueError(f"pruned output shape {tuple(got.shape)} != original {want}")
+        after = fxslim.count(model, (x,))
+        rec.update(params_ratio=after.params / before.params, macs_ratio=after.macs / before.macs)
+        step("export")
+        with tempfile.TemporaryDirectory() as tmp:
+            rec["onnx_err"] = float(fxslim.export_onnx(model, (x,), Path(tmp) / "tp.onnx"))
+        rec["status"], rec["stage"] = "ok", ""
+    except Exception as exc:
+        rec.update(status="fail", error=f"{type(exc).__name__}: {_first_line(str(exc))}")
+    if progress is not None:
+        progress.write_text(json.dumps(rec))
+    return rec
+
+
 # ---- subprocess guard ------------------------------------------------------------------------------------
 
 
-def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | None, threads: int) -> dict:
+def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | None, threads: int,
+                 peer: bool = False) -> dict:
     """Run one model in a fresh interpreter, killed after `timeout` seconds (a slow or crashing model
     cannot block or take down the run; memory of huge models is returned to the OS in between)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +357,7 @@ def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | 
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
-            "--worker",
+            "--worker-peer" if peer else "--worker",
             name,
             "--progress",
             str(progress),
@@ -316,6 +376,7 @@ def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | 
             err_tail, rc, timed_out = [], None, True
         wall = time.perf_counter() - t0
         rec = json.loads(progress.read_text()) if progress.exists() else {"model": name, "stage": "setup"}
+    rec.setdefault("model", name)
     rec["wall_s"] = wall
     if timed_out:
         rec.update(
@@ -365,7 +426,23 @@ def table_rows(records: list[dict]) -> list[list[str]]:
         )
         if any("ort_ratio" in q for q in records):
             rows[-1].append(_fmt(r.get("ort_ratio"), ".3f"))
+        if any("tp" in q for q in records):
+            tp = r.get("tp", {})
+            rows[-1] += [tp.get("status", "-") + (f" [{tp['stage']}]" if tp.get("status") == "fail" else ""),
+                         _fmt(tp.get("cpu_s"), ".2f"), _fmt(_speedup(r), ".1f")]
     return rows
+
+
+def _speedup(r: dict) -> float | None:
+    """Torch-Pruning's analysis+pruning time over fxslim's (compress: trace, analysis, pruning, cost recount),
+    in process CPU seconds (one thread): wall time on a shared machine measures the neighbours."""
+    tp = r.get("tp", {})
+    if r.get("status") != "ok" or tp.get("cpu_s") is None or not r.get("compress_cpu_s"):
+        return None
+    return tp["cpu_s"] / r["compress_cpu_s"]
+
+
+PEER_COLUMNS = ["TP status", "TP cpu s", "TP / fxslim cpu"]
 
 
 def summary_of(records: list[dict], wall: float) -> dict:
@@ -380,11 +457,35 @@ def summary_of(records: list[dict], wall: float) -> dict:
         "median_compress_s": statistics.median(secs) if secs else None,
         "median_analyze_s": statistics.median([r["analyze_s"] for r in records if "analyze_s" in r] or [0]),
         "wall_s": wall,
+        **_peer_summary(records),
     }
 
 
+def _peer_summary(records: list[dict]) -> dict:
+    peers = [r for r in records if "tp" in r]
+    if not peers:
+        return {}
+    both = [r for r in peers if r["status"] == "ok" and r["tp"].get("status") == "ok"]
+    tp_secs = [r["tp"]["cpu_s"] for r in peers if r["tp"].get("cpu_s") is not None]
+    ours = [r["compress_cpu_s"] for r in both]
+    return {
+        "tp_ok": sum(r["tp"].get("status") == "ok" for r in peers),
+        "tp_failed_by_stage": dict(Counter(r["tp"]["stage"] for r in peers if r["tp"].get("status") != "ok")),
+        "median_tp_s": statistics.median(tp_secs) if tp_secs else None,
+        "median_compress_s_both_ok": statistics.median(ours) if ours else None,
+        "median_tp_s_both_ok": statistics.median([r["tp"]["cpu_s"] for r in both]) if both else None,
+        "median_speedup_both_ok": statistics.median([_speedup(r) for r in both]) if both else None,
+        "speedup": {r["model"]: _speedup(r) for r in peers if _speedup(r) is not None},
+    }
+
+
+def _columns(records: list[dict]) -> list[str]:
+    return (COLUMNS + (["ORT ratio"] if any("ort_ratio" in r for r in records) else [])
+            + (PEER_COLUMNS if any("tp" in r for r in records) else []))
+
+
 def text_table(records: list[dict]) -> str:
-    cols = COLUMNS + (["ORT ratio"] if any("ort_ratio" in r for r in records) else [])
+    cols = _columns(records)
     rows = [cols] + table_rows(records)
     width = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = [
@@ -419,10 +520,19 @@ def unsupported_counts(records: list[dict]) -> Counter:
 def summary_text(s: dict) -> str:
     med = _fmt(s["median_compress_s"], ".2f")
     stages = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_stage"].items())) or "none"
-    return (
+    text = (
         f"{s['ok']} OK of {s['total']} models; failures by stage: {stages}; median analysis+pruning "
         f"(fxslim.compress) {med} s; wall {s['wall_s']:.0f} s"
     )
+    if "tp_ok" in s:
+        tp_stages = ", ".join(f"{k}: {v}" for k, v in sorted(s["tp_failed_by_stage"].items())) or "none"
+        text += (
+            f". Torch-Pruning in the same run: {s['tp_ok']} OK of {s['total']} (failures: {tp_stages}); on the "
+            f"models both handle, median CPU seconds fxslim {_fmt(s['median_compress_s_both_ok'], '.2f')} vs "
+            f"Torch-Pruning {_fmt(s['median_tp_s_both_ok'], '.2f')}, median per-model ratio TP/fxslim "
+            f"{_fmt(s['median_speedup_both_ok'], '.2f')}"
+        )
+    return text
 
 
 def _is_output(group: dict) -> bool:
@@ -433,7 +543,7 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) ->
     import torch
     import torchvision
 
-    cols = COLUMNS + (["ORT ratio"] if any("ort_ratio" in r for r in records) else [])
+    cols = _columns(records)
     lines = [
         "# fxslim coverage on torchvision classifiers",
         "",
@@ -506,7 +616,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--onnx-dir", type=Path, help="keep the ONNX files here (default: a temp dir, deleted)")
+    p.add_argument(
+        "--torch-pruning",
+        action="store_true",
+        help="also run the Torch-Pruning package on each model in the same run (make bench-install)",
+    )
+    p.add_argument("--peer-timeout", type=float, default=300.0, help="seconds per model for Torch-Pruning")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-peer", help=argparse.SUPPRESS)
     p.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -562,6 +679,16 @@ def main(argv: list[str] | None = None) -> int:
         _quiet()
         bench_model(args.worker, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir, progress=args.progress)
         return 0
+    if args.worker_peer:
+        _quiet()
+        bench_torch_pruning(args.worker_peer, progress=args.progress)
+        return 0
+    if args.torch_pruning:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("--torch-pruning needs the Torch-Pruning package: make bench-install", file=sys.stderr)
+            return 2
 
     from tqdm import tqdm
 
@@ -586,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rec = bench_model(name, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir)
             rec["wall_s"] = time.perf_counter() - t0
+        if args.torch_pruning:
+            rec["tp"] = run_isolated(name, args.peer_timeout, False, None, args.threads, peer=True)
         records.append(rec)
         tqdm.write(
             f"{name}: {rec['status']}"

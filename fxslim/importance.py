@@ -23,8 +23,7 @@ def atom_scores(dg: DependencyGraph, criterion: str, seed: int = 0) -> np.ndarra
     n = int(dg.label.max()) + 1 if len(dg.label) else 0
     if criterion == "random":
         return np.random.default_rng(seed).random(n)
-    l1 = np.zeros(n)
-    l2 = np.zeros(n)
+    total = np.zeros(n)  # sum |w| (l1, bn_scale's fallback) or sum w² (l2)
     norm = np.zeros(n)
     has_norm = np.zeros(n, dtype=bool)
     params = dict(dg.gm.named_parameters())
@@ -33,22 +32,22 @@ def atom_scores(dg: DependencyGraph, criterion: str, seed: int = 0) -> np.ndarra
         if t is None:
             continue
         t = t.detach().float()
+        mag = t.pow(2) if criterion == "l2" else t.abs()  # once per tensor, summed per coupled dim below
         for k, ids in enumerate(p.ids):
             if ids is None:
                 continue
             other = [d for d in range(t.dim()) if d != k]
             atoms = dg.label[ids]
-            l1 += np.bincount(atoms, weights=_np(t.abs().sum(other) if other else t.abs()), minlength=n)
-            l2 += np.bincount(atoms, weights=_np(t.pow(2).sum(other) if other else t.pow(2)), minlength=n)
-            if p.roles[k] == "norm" and p.key.endswith(".weight") and t.dim() == 1:
-                norm += np.bincount(atoms, weights=_np(t.abs()), minlength=n)
+            total += np.bincount(atoms, weights=_np(mag.sum(other) if other else mag), minlength=n)
+            if criterion == "bn_scale" and p.roles[k] == "norm" and p.key.endswith(".weight") and t.dim() == 1:
+                norm += np.bincount(atoms, weights=_np(mag), minlength=n)
                 has_norm[atoms] = True
     if criterion == "l1":
-        return l1
+        return total
     if criterion == "l2":
-        return np.sqrt(l2)
+        return np.sqrt(total)
     # bn_scale: groups with a norm layer use |γ|; the others fall back to l1
-    out = l1.copy()
+    out = total.copy()
     for g in dg.groups:
         if has_norm[g.atoms].all():
             out[g.atoms] = norm[g.atoms]

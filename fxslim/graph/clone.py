@@ -24,13 +24,16 @@ def shallow_clone(module: nn.Module) -> nn.Module:
             return memo[id(m)]
         new = copy.copy(m)
         memo[id(m)] = new
-        new._parameters = dict(m._parameters)
-        new._buffers = dict(m._buffers)
-        new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-        new._modules = {k: None if v is None else clone(v) for k, v in m._modules.items()}
+        # Straight into __dict__: nn.Module.__setattr__ checks every name against parameters, buffers and
+        # submodules, which made cloning a large model several times slower.
+        state = new.__dict__
+        state["_parameters"] = dict(m._parameters)
+        state["_buffers"] = dict(m._buffers)
+        state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        state["_modules"] = {k: None if v is None else clone(v) for k, v in m._modules.items()}
         for name, value in vars(m).items():  # hooks and other registries: the copy gets its own containers
             if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("always_called"):
-                setattr(new, name, copy.copy(value))
+                state[name] = copy.copy(value)
         return new
 
     return clone(module)

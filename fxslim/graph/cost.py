@@ -294,7 +294,7 @@ def _node_params(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None) ->
 
 def annotate(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
     """Propagate shapes, set `node.meta['cost'] = NodeCost(...)` on every node, and return the totals."""
-    propagate(gm, example_inputs)
+    propagate(gm, example_inputs, reuse=True)
     per_node: dict[str, NodeCost] = {}
     uncounted: list[str] = []
     for node in gm.graph.nodes:

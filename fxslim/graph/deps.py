@@ -368,7 +368,7 @@ def analyze(
 
     gm = model_or_gm if isinstance(model_or_gm, fx.GraphModule) else trace(model_or_gm)
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    propagate(gm, example_inputs)
+    propagate(gm, example_inputs, reuse=True)
     b = Builder(gm)
     unsupported: list[Unsupported] = []
     _walk(gm, b, unsupported)

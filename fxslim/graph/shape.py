@@ -76,14 +76,35 @@ def format_shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) if shape else "()"
 
 
-def propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
+SHAPES_META = "fxslim_shapes_of"  # gm.meta key: the fingerprint the node shapes were propagated for
+
+
+def fingerprint(gm: fx.GraphModule, example_inputs: tuple) -> tuple:
+    """What node shapes depend on: the generated code (graph structure and arguments), every parameter and
+    buffer shape and dtype, every module's configuration (stride, groups, ...) and the input shapes."""
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in gm.state_dict(keep_vars=True).items())
+    config = tuple((name, type(m).__name__, m.extra_repr()) for name, m in gm.named_modules())
+    inputs = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)
+    return gm.code, tensors, config, inputs
+
+
+def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False) -> None:
     """Annotate every node of `gm` with `meta['tensor_meta']` by running `example_inputs` through it.
+
+    reuse=True skips the run when the shapes on the nodes were propagated for this very module state and
+    inputs (same `fingerprint`): a pass manager annotating costs right after a rewrite verified its shapes
+    would otherwise run the model once more.
 
     Runs in eval mode under `torch.no_grad()` (costs and shapes of the deployed model, no autograd
     memory), then restores each submodule's own `training` flag. Stale `tensor_meta` (copied along with
     nodes by passes) is cleared first so a node never keeps a shape it no longer has. A single tensor is
     accepted in place of a 1-tuple. Raises `AnalysisError` naming the failing node and the input shapes."""
     inputs = _as_tuple(example_inputs)
+    stamp = fingerprint(gm, inputs)
+    fresh = all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+    if reuse and fresh and gm.meta.get(SHAPES_META) == stamp:
+        return
+    gm.meta.pop(SHAPES_META, None)
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)
     training = {m: m.training for m in gm.modules()}
@@ -100,6 +121,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     finally:
         for module, flag in training.items():
             module.training = flag
+    gm.meta[SHAPES_META] = stamp
 
 
 # Where a function lives -> how a reader writes it; anything else keeps the last part of its module.

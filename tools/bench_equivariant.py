@@ -72,6 +72,25 @@ QUICK = {
     "plain_epochs": 3,
 }
 FT_MODES = ("none", "adaptive", "adaptive+KD")
+NOTES = """## How to read this
+
+- *inv. error*: max |f(rot90(x, k)) - f(x)| over k = 1, 2, 3 on 64 rotated test digits (logits). The pass
+  manager checks the same quantity on the example input after every pass and stops at 1e-4 (fp32).
+- *adaptive*: `finetune.PAPER_ADAPTIVE` (train only when the held-out drop exceeds 2 points; Adam 1e-3,
+  ReduceLROnPlateau(0.5, 10), early stopping), with the epoch cap and patience of the config above (the
+  paper allows 50 epochs); *FT ep* is 0 when the gate skipped training. Fine-tuning a C4 model projects its
+  convs back onto the equivariant subspace before every forward (projected gradient descent), which is
+  why the invariance survives training the plain twin.
+- *unaligned*: single channels cut at random (a field-blind pruner; magnitude ties inside a field would
+  cut whole fields by accident). The pass manager refuses such a result; it is built outside it here.
+- *plain CNN*: the C4 net's plain twin architecture (same layers, same MACs) trained from random init as
+  an ordinary CNN, then prune_channels(0.5) + the same adaptive fine-tune.
+- INT8 rows: params/MACs are those of the fp32 model they quantize. ORT static INT8 quantizes the
+  activations (QUInt8) of rotated inputs differently, so its invariance error is reported, not enforced;
+  torch dynamic INT8 touches only the Linear head after the invariant pooling.
+- Latency: onnxruntime, one intra-op thread, process CPU time, files interleaved (fxslim.export.ort_latency),
+  speed-up relative to the fp32 C4 baseline; the zoo table compares fp32 and INT8 files of the same model.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,6 +490,7 @@ def markdown(figures: dict, plot: Path) -> str:
             "",
             f"![accuracy vs params](../{plot.name})",
             "",
+            NOTES,
         ]
     )
 

@@ -722,6 +722,50 @@ def group_max_pool(b, node, mod):
     return [x[0], fields[:, 0].copy(), *x[2:]]
 
 
+def window_attention(b, node, mod=None):
+    """torchvision's Swin `shifted_window_attention` (a torch.fx.wrap'ed function): x [B, H, W, C] -> qkv
+    linear -> heads -> proj linear. Its body splits heads with `C // num_heads` of the *input* width C, and
+    the head count is a constant of the graph, so the residual width, the attention width and the heads are
+    one fixed number together: shrinking any of them alone breaks the reshape. Declared behaviour: those
+    widths are frozen with that reason; the qkv/proj biases follow their weights; the output channels are
+    the projection's rows (the residual add then ties them to the frozen stream)."""
+    x = b.ids(node.args[0])
+    qkv_w, proj_w = b.ids(_arg(node, 1, "qkv_weight")), b.ids(_arg(node, 2, "proj_weight"))
+    if x is None or qkv_w is None or proj_w is None or len(x) != 4:
+        return None
+    reason = f"{node.name}: Swin window attention splits heads with C // num_heads of its input width C"
+    b.unify(x[-1], qkv_w[1])
+    for ids in (x[-1], qkv_w[0], proj_w[1], proj_w[0]):
+        b.freeze(ids, reason)
+    for i, name, like in ((9, "qkv_bias", qkv_w[0]), (10, "proj_bias", proj_w[0])):
+        bias = b.ids(_arg(node, i, name))
+        if bias is not None and len(bias) == 1 and len(bias[0]) == len(like):
+            b.unify(bias[0], like)
+    for i, name in ((3, "relative_position_bias"), (11, "logit_scale")):
+        b.freeze_value(_arg(node, i, name), reason)
+    return list(x[:-1]) + [proj_w[0]]
+
+
+def relative_position_bias(b, node, mod=None):
+    """Swin `_get_relative_position_bias(table [(2w-1)^2, heads], index, window)` -> [1, heads, N, N]: the
+    heads dim is the table's columns; the window dims are fixed."""
+    table, shape = b.ids(node.args[0]), b.shape(node)
+    if table is None or shape is None or len(table) != 2 or len(shape) != 4:
+        return None
+    return [b.fresh_dim(shape[0], FIXED), table[1], b.fresh_dim(shape[2], FIXED), b.fresh_dim(shape[3], FIXED)]
+
+
+def patch_merging_pad(b, node, mod=None):
+    """Swin `_patch_merging_pad(x [..., H, W, C])` pads H and W to even sizes and (torchvision >= 0.20)
+    concatenates the four 2x2 phases on the channel dim: output channels are C, k times over (k = 1 or 4),
+    the spatial dims new. Sizes come from the input inside the function, so nothing needs an update."""
+    x, shape = b.ids(node.args[0]), b.shape(node)
+    if x is None or shape is None or len(x) < 3 or shape[-1] % len(x[-1]):
+        return None
+    channels = np.tile(x[-1], shape[-1] // len(x[-1]))
+    return list(x[:-3]) + [b.fresh_dim(shape[-3], FIXED), b.fresh_dim(shape[-2], FIXED), channels]
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 _ACTIVATIONS = (
@@ -965,6 +1009,11 @@ def _register_torchvision() -> None:
     except ImportError:  # pragma: no cover - torchvision is a dependency, but the table must not need it
         return
     FUNCTION_RULES[stochastic_depth] = Rule(passthrough)
+    from torchvision.models import swin_transformer as swin
+
+    FUNCTION_RULES[swin.shifted_window_attention] = Rule(window_attention)
+    FUNCTION_RULES[swin._get_relative_position_bias] = Rule(relative_position_bias)
+    FUNCTION_RULES[swin._patch_merging_pad] = Rule(patch_merging_pad)
 
 
 _register_torchvision()

@@ -219,3 +219,16 @@ def test_ort_latency_returns_a_median_per_file(tmp_path):
     export_onnx(_small_net(), x, tmp_path / "b.onnx")
     t = ort_latency({"a": tmp_path / "a.onnx", "b": tmp_path / "b.onnx"}, x, budget_s=0.2)
     assert sorted(t) == ["a", "b"] and all(0 < v < 1 for v in t.values())
+
+
+def test_ort_profile_splits_a_run_into_kernels_and_overhead(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(SmallNet().eval(), (x,), tmp_path / "m.onnx")
+    prof = export.ort_profile(tmp_path / "m.onnx", (x,), runs=20)
+    assert prof["nodes"] >= 3  # convs (fused with their activations), the add/mean and the Gemm
+    assert any("Conv" in op for op in prof["ops_us"])
+    assert all(us > 0 for us in prof["ops_us"].values())
+    assert prof["kernel_us"] == pytest.approx(sum(prof["ops_us"].values()))
+    assert 0 < prof["kernel_us"] <= prof["run_us"]
+    assert prof["overhead_us"] == pytest.approx(prof["run_us"] - prof["kernel_us"])

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line of all figures to this file")
     p.add_argument("--write-md", help="write the results table to this markdown file")
+    p.add_argument("--profile", action="store_true", help="run nothing else: onnxruntime profiles (kernel time "
+                   "per op type vs per-run overhead) of each baseline and its fcos_fuse architecture at each epsilon")
     p.add_argument("--render", help="run nothing: merge the JSON lines of this file (e.g. one run per model) "
                    "into the plots and --write-md table")
     p.add_argument("--plot-prefix", default=str(REPO / "docs" / "fcos"), help="PNG path prefix (default docs/fcos)")
@@ -89,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("tp_l1 needs the Torch-Pruning package: make bench-install (or drop it with --methods)")
     torch.set_num_threads(1)  # small 1-D nets: one thread is much faster than two on a shared 2-core machine
 
+    if args.profile:
+        prof = {"bench": "fcos", "profile": [r for m in cfg["models"] for r in profile_model(m, cfg, args.seed)]}
+        print(profile_table(prof["profile"]))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(prof) + "\n")
+        return 0
     if args.render:
-        figures = merged([json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()])
+        lines = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
+        figures = merged([fig for fig in lines if "rows" in fig])
+        figures["profile"] = [r for fig in lines for r in fig.get("profile", [])]
     else:
         start = time.perf_counter()
         rows, probes = [], []
@@ -178,6 +189,44 @@ def bench_model(name: str, cfg: dict, methods: list[str], beta: float, seed: int
                 "ort_baseline_us_b1": latency[1]["baseline"] * 1e6, "per_snr": ev["per_snr"], **details.get(method, {}),
             })
     return rows, probes
+
+
+def profile_model(name: str, cfg: dict, seed: int) -> list[dict]:
+    """Where onnxruntime's time goes, baseline vs the fused architecture (weights do not change dense kernels'
+    time, so fcos_fuse without fine-tuning has the architecture and the latency of the trained one)."""
+    from fxslim.export import ort_profile
+
+    config = TrainConfig(epochs=cfg["base_epochs"], patience=5, seed=seed)
+    base = train_baseline(name, "amr", data_kwargs={"n_per_class_snr": cfg["n"]}, config=config)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for eps in cfg["epsilons"]:
+            fused = fxslim.compress(base.model, (base.dataset.example(),), [{"pass": "fcos_fuse", "epsilon": eps}])
+            macs = fused.report[0].macs_after / fused.report[0].macs_before
+            for batch in (1, 64):
+                x = (base.dataset.example(batch),)
+                row = {"model": name, "epsilon": eps, "batch": batch, "macs_ratio": macs}
+                for tag, m in (("base", base.model), ("fused", fused.module)):
+                    path = Path(tmp) / f"{tag}.onnx"
+                    fxslim.export_onnx(m, x, path)
+                    row[tag] = ort_profile(path, x, runs=200 if batch == 1 else 20)
+                out.append(row)
+    return out
+
+
+def profile_table(rows: list[dict]) -> str:
+    head = ["model", "ε", "batch", "MACs", "run µs base → fused", "kernels µs", "overhead µs", "kernel ratio",
+            "run ratio", "top ops fused (µs)"]
+    lines = []
+    for r in rows:
+        b, f = r["base"], r["fused"]
+        top = ", ".join(f"{op} {us:.0f}" for op, us in list(f["ops_us"].items())[:3])
+        lines.append([r["model"], f"{r['epsilon']:.2f}", str(r["batch"]), f"x{r['macs_ratio']:.4f}",
+                      f"{b['run_us']:.0f} → {f['run_us']:.0f}", f"{b['kernel_us']:.0f} → {f['kernel_us']:.0f}",
+                      f"{b['overhead_us']:.0f} → {f['overhead_us']:.0f}", f"x{f['kernel_us'] / b['kernel_us']:.3f}",
+                      f"x{f['run_us'] / b['run_us']:.3f}", top])
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(c) + " |" for c in lines])
 
 
 def merged(runs: list[dict]) -> dict:
@@ -337,6 +386,11 @@ def markdown(fig: dict, plots: tuple[Path, ...], md_path: str) -> str:
         *(f"![{p.stem}]({os.path.relpath(p.resolve(), Path(md_path).resolve().parent)})" for p in plots),
         "",
     ]
+    if fig.get("profile"):
+        out += ["## Where onnxruntime's time goes (`python tools/bench_fcos.py --profile`)", "",
+                "onnxruntime's own profiler, one thread: per-run time split into the kernels' time and the rest "
+                "(dispatch, allocation, copies between kernels), baseline → fcos_fuse architecture.", "",
+                profile_table(fig["profile"]), ""]
     return "\n".join(out)
 
 

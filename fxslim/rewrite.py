@@ -276,21 +276,64 @@ def merge_channels(gm: fx.GraphModule, group: Group, clusters: Sequence[Sequence
 
 
 def replace_module(gm: fx.GraphModule, node: str, new: nn.Module | Sequence[nn.Module],
-                   example_inputs: tuple | None = None) -> fx.GraphModule:
-    """New module where the call_module node `node` runs `new` (a module, or a chain given as a list)."""
+                   example_inputs: tuple | None = None, *, inline: bool = False) -> fx.GraphModule:
+    """New module where the call_module node `node` runs `new` (a module, or a chain given as a list).
+
+    inline=True splices `new`'s own traced graph in place of the node (one node per layer of a chain,
+    named `<node>_<layer>`), so that cost counting, the analyzer and later passes see its layers; the
+    modules live under the old module's path (`<target>.0`, `<target>.1`, ...)."""
+    return replace_modules(gm, {node: new}, example_inputs, inline=inline)
+
+
+def replace_modules(gm: fx.GraphModule, new: dict[str, nn.Module | Sequence[nn.Module]],
+                    example_inputs: tuple | None = None, *, inline: bool = False) -> fx.GraphModule:
+    """`replace_module` for several call_module nodes at once (one copy of the graph): {node name: new}."""
     out = clone_gm(gm)
-    target = next((n for n in out.graph.nodes if n.name == node), None)
-    if target is None or target.op != "call_module":
-        raise PassError(f"replace_module: {node!r} is not a call_module node")
-    before = target.meta.get("tensor_meta")
-    chain = nn.Sequential(*new) if isinstance(new, (list, tuple)) else new
-    parent, _, attr = str(target.target).rpartition(".")
-    setattr(out.get_submodule(parent) if parent else out, attr, copy.deepcopy(chain))
+    nodes = {n.name: n for n in out.graph.nodes}
+    checks = {}
+    for node, module in new.items():
+        target = nodes.get(node)
+        if target is None or target.op != "call_module":
+            raise PassError(f"replace_module: {node!r} is not a call_module node")
+        before = target.meta.get("tensor_meta")
+        chain = copy.deepcopy(nn.Sequential(*module) if isinstance(module, (list, tuple)) else module)
+        parent, _, attr = str(target.target).rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, chain)
+        if inline:
+            target = _inline(out, target, chain)
+        checks[target.name] = before
     out.graph.lint()
     out.recompile()
     if example_inputs is not None:
-        _check_same_output(out, target.name, before, example_inputs)
+        _check_same_outputs(out, checks, example_inputs)
     return out
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
+    """Replace call_module `node` by the nodes of `module`'s traced graph; returns the node giving its value."""
+    sub = fx.symbolic_trace(module)
+    inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != len(node.args) or node.kwargs:
+        raise PassError(f"replace_module: {node.name!r} passes {len(node.args)} positional arguments "
+                        f"(and {len(node.kwargs)} keyword ones), the new module takes {len(inputs)}")
+    env: dict[fx.Node, object] = dict(zip(inputs, node.args, strict=True))
+    result = None
+    with gm.graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            args = fx.map_arg(n.args, lambda a: env[a])
+            if n.op == "output":
+                result = args[0]
+                break
+            kwargs = fx.map_arg(n.kwargs, lambda a: env[a])
+            tgt = f"{node.target}.{n.target}" if n.op in ("call_module", "get_attr") else n.target
+            env[n] = gm.graph.create_node(n.op, tgt, args, kwargs, name=f"{node.name}_{n.name.lstrip('_')}")
+    if not isinstance(result, fx.Node):
+        raise PassError(f"replace_module: the module replacing {node.name!r} does not return a tensor node")
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+    return result
 
 
 def drop_block(gm: fx.GraphModule, start: str, end: str, projection: nn.Module | None = None,

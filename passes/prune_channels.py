@@ -1,24 +1,53 @@
 """Pass `prune_channels`: structured channel removal over the dependency groups of the analyzer.
 
-Per prunable group, `floor(ratio * C)` channels with the lowest importance are removed (never frozen ones,
-at least one kept, and never the last channel of any tensor dim); with `global_ranking` the same total is
-taken from one ranking over all groups, each group's scores divided by its mean so groups of different
-scale compare. The new module comes from the shared `remove_channels` primitive (rewrite.apply_plan)."""
+objective="macs" (the default): per prunable group, `floor(ratio * C)` channels with the lowest importance
+are removed (never frozen ones, at least one kept, and never the last channel of any tensor dim); with
+`global_ranking` the same total is taken from one ranking over all groups, each group's scores divided by
+its mean so groups of different scale compare.
+
+objective="latency": every conv / linear / attention layer whose weights a prunable group runs through is
+measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk) and gets
+an affine model `t = a + b * m` of its seconds against its relative MACs `m` (the product of its weight's
+kept output and input fractions; a depthwise conv's `m` is its kept channel fraction, so a memory-bound layer
+shows its real cost per MAC). The *estimated latency* of a choice of kept widths is the sum of those models
+over the measured layers; the *target* is that estimate at the widths objective="macs" would keep at the
+same `ratio`. Groups then shrink greedily, one step at a time (`round_to` channels, or 1/32 of the group),
+always taking the step with the least importance lost per estimated second saved, never past `max_ratio`
+of a group, until the estimate reaches the target. The importance a step loses is the removed channels'
+mean score over their group's mean (as in global ranking) times the MACs the step removes: with equal
+scores the greedy removes first the MACs that cost the most seconds (depthwise, memory-bound layers), so it
+keeps the most MACs (and importance) for the time it must save. Groups that run through no measured
+layer are pruned at `ratio` as with objective="macs".
+
+`round_to=N` rounds every pruned group's kept count to the nearest multiple of its unit (halves up), never
+below one unit nor above the group size (a group smaller than one unit stays whole). The unit is N
+channels, or N / gcd(N, m) when each channel of the group spans m positions of every weight dim it runs
+through (an attention head spans head_dim rows: any head count keeps widths a multiple of N).
+
+The new module comes from the shared `remove_channels` primitive (rewrite.apply_plan); this file decides
+only which channels go and never edits the module it is given."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
-from torch import fx
+import scipy.optimize
+import torch
+from torch import fx, nn
 
 from fxslim.errors import PassError, RecipeError
+from fxslim.graph.cost import annotate
 from fxslim.graph.deps import DependencyGraph, Group, analyze, dims_of
 from fxslim.importance import CRITERIA, atom_scores
+from fxslim.modules import SlimMultiheadAttention
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.rewrite import ChannelPlan, apply_plan
 
 NAME = "prune_channels"
+OBJECTIVES = ("macs", "latency")
+WIDTHS = (1.0, 0.5, 0.25)  # uniform width scales each layer is measured at (objective="latency")
 
 
 def run(
@@ -29,36 +58,82 @@ def run(
     importance: str = "l1",
     global_ranking: bool = False,
     ignore: list[str] | tuple[str, ...] = (),
+    round_to: int = 1,
+    objective: str = "macs",
+    max_ratio: float | None = None,
+    latency_table: str | None = None,
 ) -> PassResult:
     """ratio: fraction of each prunable group's channels removed, in [0, 1).
     importance: "l1" | "l2" | "bn_scale" | "random" (seeded by the recipe seed).
-    global_ranking: rank all groups' channels together instead of each group on its own.
-    ignore: module names whose channels are never removed (inputs and outputs)."""
+    global_ranking: rank all groups' channels together instead of each group on its own (objective="macs").
+    ignore: module names whose channels are never removed (inputs and outputs).
+    round_to: kept channel counts of pruned groups become multiples of this (1: no rounding).
+    objective: "macs" (every group loses `ratio`) or "latency" (measured per-layer latency decides which
+    groups shrink, down to the estimated latency that `ratio` gives with "macs").
+    max_ratio: objective="latency": the most any group may lose (default (1 + ratio) / 2).
+    latency_table: objective="latency": JSON file of measured layer latencies (default: the on-disk cache)."""
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise RecipeError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in CRITERIA:
         raise RecipeError(f"importance={importance!r}; valid: {', '.join(CRITERIA)}")
+    _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table)
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
     groups = dg.prunable_groups
     if not groups:
         raise PassError(f"no prunable group in {type(gm).__name__}:\n{dg.summary()}")
     scores = atom_scores(dg, importance, ctx.seed)
-    drop = _select_global(groups, scores, ratio) if global_ranking else _select_per_group(groups, scores, ratio)
+    extra: dict = {}
+    if objective == "latency":
+        model = LatencyModel.measure(dg, groups, latency_table)
+        kept, extra = _choose_latency(groups, scores, model, ratio, round_to, max_ratio, dg)
+        drop = _drop_lowest(groups, scores, kept)
+    else:
+        drop = _select_global(groups, scores, ratio) if global_ranking else _select_per_group(groups, scores, ratio)
+        if round_to > 1:
+            drop = _drop_lowest(groups, scores, _rounded_kept(groups, drop, _units(dg, groups, round_to)))
     plan = ChannelPlan(dg)
     plan.target[drop] = -1
     _keep_one_per_dim(dg, plan, scores)
     removed = {g.index: int((plan.target[g.atoms] < 0).sum()) for g in groups}
     ctx.debug("prune_channels: %s", {g.index: (g.size, removed[g.index]) for g in groups})
     if not any(removed.values()):
-        return PassResult(gm, False, {"groups": len(groups), "removed": 0})
+        return PassResult(gm, False, {"groups": len(groups), "removed": 0, **extra})
     new = apply_plan(gm, plan)
-    return PassResult(new, True, {
-        "groups": len(groups),
-        "removed": sum(removed.values()),
-        "per_group": [{"members": [repr(m) for m in g.members[:3]], "size": g.size, "removed": removed[g.index]}
-                      for g in groups],
-        "unsupported": [u.node for u in dg.unsupported],
-    })
+    return PassResult(
+        new,
+        True,
+        {
+            "groups": len(groups),
+            "removed": sum(removed.values()),
+            "per_group": [
+                {
+                    "members": [repr(m) for m in g.members[:3]],
+                    "size": g.size,
+                    "removed": removed[g.index],
+                    "kept": g.size - removed[g.index],
+                }
+                for g in groups
+            ],
+            "unsupported": [u.node for u in dg.unsupported],
+            **extra,
+        },
+    )
+
+
+def _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table) -> None:
+    where = f"pass {NAME!r}"
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise RecipeError(f"{where}: round_to={round_to!r} must be an integer >= 1")
+    if objective not in OBJECTIVES:
+        raise RecipeError(f"{where}: objective={objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if objective == "latency" and global_ranking:
+        raise RecipeError(f"{where}: global_ranking applies to objective='macs' only (latency ranks globally)")
+    if objective != "latency" and (max_ratio is not None or latency_table is not None):
+        raise RecipeError(f"{where}: max_ratio and latency_table apply to objective='latency' only")
+    if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not ratio <= max_ratio < 1):
+        raise RecipeError(f"{where}: max_ratio={max_ratio!r} must be in [ratio, 1) = [{ratio}, 1)")
+    if latency_table is not None and not isinstance(latency_table, str):
+        raise RecipeError(f"{where}: latency_table={latency_table!r} must be a file path (a string)")
 
 
 def _candidates(g: Group) -> np.ndarray:
@@ -99,6 +174,358 @@ def _select_global(groups: list[Group], scores: np.ndarray, ratio: float) -> np.
     return np.asarray(taken, dtype=np.int64)
 
 
+def _drop_lowest(groups: list[Group], scores: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The lowest-scored candidates of each group, so that group i keeps `kept[i]` channels."""
+    out = [np.zeros(0, dtype=np.int64)]
+    for g, k in zip(groups, kept, strict=True):
+        cand = _candidates(g)
+        order = np.argsort(scores[g.atoms[cand]], kind="stable")
+        out.append(g.atoms[cand[order[: g.size - int(k)]]])
+    return np.concatenate(out)
+
+
+# ---- rounding ------------------------------------------------------------------------------------------
+
+
+def _units(dg: DependencyGraph, groups: list[Group], round_to: int) -> np.ndarray:
+    """Per group, the channel count its kept count must be a multiple of: round_to / gcd(round_to, m), m =
+    the gcd of how many positions one channel spans in each weight dim it runs through (1 for a conv's
+    output channel, head_dim for an attention head's output-projection columns)."""
+    dims = [ids for p in dg.params for ids in p.ids if ids is not None and len(ids)]
+    span = np.ones(len(dg.groups), dtype=np.int64)
+    if dims:
+        atoms = dg.label[np.concatenate(dims)]
+        dim = np.repeat(np.arange(len(dims), dtype=np.int64), [len(d) for d in dims])
+        pairs, counts = np.unique(atoms.astype(np.int64) * len(dims) + dim, return_counts=True)
+        grp = dg.atom_group[pairs // len(dims)]
+        sel = grp >= 0
+        grp, counts = grp[sel], counts[sel]
+        span = np.zeros(len(dg.groups), dtype=np.int64)
+        np.gcd.at(span, grp, counts)
+        span[span == 0] = 1
+    return np.array([round_to // math.gcd(round_to, int(span[g.index])) for g in groups], dtype=np.int64)
+
+
+def _round_kept(g: Group, kept: int, unit: int) -> int:
+    """`kept` to the nearest multiple of `unit` (halves up) within [one unit and the frozen channels, the
+    largest multiple <= size]; the whole group when no multiple fits."""
+    if kept >= g.size or unit == 1:
+        return kept
+    low = max(unit, -(-int(g.frozen.sum()) // unit) * unit)
+    high = g.size // unit * unit
+    if high < low:
+        return g.size
+    return min(max(math.floor(kept / unit + 0.5) * unit, low), high)
+
+
+def _rounded_kept(groups: list[Group], drop: np.ndarray, units: np.ndarray) -> np.ndarray:
+    dropped = np.zeros(int(max(g.atoms.max() for g in groups)) + 1, dtype=bool)
+    dropped[drop] = True
+    return np.array(
+        [_round_kept(g, g.size - int(dropped[g.atoms].sum()), int(u)) for g, u in zip(groups, units, strict=True)],
+        dtype=np.int64,
+    )
+
+
+# ---- latency model -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """One measured layer: its node, the (weight key, dim) pairs whose widths define it, the fit, the points."""
+
+    node: str
+    kind: str
+    a: float = 0.0  # seconds at zero MACs (launch overhead, memory traffic not tied to MACs)
+    b: float = 0.0  # seconds per unit of relative MACs (the whole layer's MACs = 1)
+    points: tuple = ()
+    macs: int = 0  # the layer's MACs in the unpruned model (fxslim's counter)
+
+
+class LatencyModel:
+    """Affine per-layer latency in relative MACs; relative MACs = kept fraction of weight dim 0 x dim 1,
+    each fraction linear in the groups' kept fractions r: f = (fixed + N @ r) / size."""
+
+    def __init__(
+        self,
+        layers: list[_Layer],
+        n0: np.ndarray,
+        n1: np.ndarray,
+        c0: np.ndarray,
+        c1: np.ndarray,
+        measured: int,
+        lookups: int,
+        table_seconds: float,
+    ):
+        self.layers, self.measured, self.lookups, self.table_seconds = layers, measured, lookups, table_seconds
+        self.a = np.array([x.a for x in layers])
+        self.b = np.array([x.b for x in layers])
+        self.macs = np.array([x.macs for x in layers], dtype=np.float64)
+        self.n0, self.n1, self.c0, self.c1 = n0, n1, c0, c1  # already divided by the dim sizes
+
+    def fractions(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.c0 + self.n0 @ r, self.c1 + self.n1 @ r
+
+    def seconds(self, r: np.ndarray) -> float:
+        f0, f1 = self.fractions(r)
+        return float((self.a + self.b * f0 * f1).sum())
+
+    def relative_macs_if(self, r: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer (rows) and group (columns): each layer's relative MACs now, and when group j alone
+        moves by delta[j]."""
+        f0, f1 = self.fractions(r)
+        g0 = f0[:, None] + self.n0 * delta[None, :]
+        g1 = f1[:, None] + self.n1 * delta[None, :]
+        return (f0 * f1)[:, None], g0 * g1
+
+    def savings_if(self, r: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per group: estimated seconds saved and MACs removed when group j alone moves by delta[j]."""
+        now, then = self.relative_macs_if(r, delta)
+        lost = now - then
+        return self.b @ lost, self.macs @ lost
+
+    @classmethod
+    def measure(cls, dg: DependencyGraph, groups: list[Group], table_path: str | None) -> LatencyModel:
+        from fxslim.latency import LatencyTable, default_table, latency_key, module_latency
+
+        table = default_table() if table_path is None else LatencyTable(table_path)
+        col = np.full(len(dg.groups), -1, dtype=np.int64)
+        col[[g.index for g in groups]] = np.arange(len(groups))
+        params = {p.key: p for p in dg.params}
+        gm = dg.gm
+        annotate(gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
+        layers, rows, measured, lookups, table_seconds = [], [], 0, 0, 0.0
+        for node in gm.graph.nodes:
+            spec = _layer_spec(gm, node, params)
+            if spec is None:
+                continue
+            build, dims, dim_sizes = spec
+            counts = []
+            for ids, n in zip(dims, dim_sizes, strict=True):  # per weight dim: ids per prunable group, ids in none
+                if ids is None:
+                    counts.append((np.zeros(len(groups)), float(n), n))
+                    continue
+                gi = dg.atom_group[dg.label[ids]]
+                c = np.where(gi >= 0, col[np.maximum(gi, 0)], -1)
+                per = np.bincount(c[c >= 0], minlength=len(groups)).astype(np.float64)
+                counts.append((per, float((c < 0).sum()), len(ids)))
+            if not any(per.any() for per, _, _ in counts):
+                continue
+            points = []
+            for s in WIDTHS:
+                sizes_s = [int(fixed + max(1, round(s * per.sum()))) if per.any() else n for per, fixed, n in counts]
+                module, shape, rel = build(sizes_s)
+                hit = table.get(latency_key(module, shape)) is not None
+                t = module_latency(module, shape, table=table, save=False)
+                measured += not hit
+                lookups += hit
+                points.append((rel, t))
+                if s == 1.0:
+                    table_seconds += t
+            m, t = np.array(points).T
+            (a, b), _ = scipy.optimize.nnls(np.stack([np.ones_like(m), m], axis=1), t)  # t = a + b*m, a, b >= 0
+            cost = node.meta.get("cost")
+            layers.append(
+                _Layer(
+                    node.name,
+                    type(gm.get_submodule(node.target)).__name__,
+                    float(a),
+                    float(b),
+                    tuple((float(x), float(y)) for x, y in points),
+                    int(getattr(cost, "macs", 0)),
+                )
+            )
+            rows.append(counts)
+        table.save()
+        if not layers:
+            raise PassError(f"pass {NAME!r}: objective='latency' found no conv/linear/attention layer to measure")
+        n0 = np.stack([r[0][0] / r[0][2] for r in rows])
+        n1 = np.stack([r[1][0] / r[1][2] for r in rows])
+        c0 = np.array([r[0][1] / r[0][2] for r in rows])
+        c1 = np.array([r[1][1] / r[1][2] for r in rows])
+        return cls(layers, n0, n1, c0, c1, measured, lookups, table_seconds)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
+
+
+def _layer_spec(gm: fx.GraphModule, node: fx.Node, params: dict):
+    """For a measurable layer: (build(sizes of weight dims 0, 1) -> (module, input shape, relative MACs),
+    [ids of weight dim 0, ids of weight dim 1] (None: not tied to channels), [their sizes]); None for any
+    other node."""
+    if node.op != "call_module" or not node.args:
+        return None
+    mod = gm.get_submodule(node.target)
+    shape = _shape(node.args[0])
+    if shape is None:
+        return None
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and isinstance(mod.padding, (tuple, int)):
+        key = f"{node.target}.weight"
+        if key not in params or len(shape) != mod.weight.dim():
+            return None
+        return _conv_builder(mod, shape), params[key].ids[:2], list(mod.weight.shape[:2])
+    if isinstance(mod, nn.Linear):
+        key = f"{node.target}.weight"
+        if key not in params:
+            return None
+        return _linear_builder(mod, shape), params[key].ids[:2], list(mod.weight.shape[:2])
+    if isinstance(mod, (nn.MultiheadAttention, SlimMultiheadAttention)):
+        key = f"{node.target}.in_proj_weight"
+        if key not in params or any(i is None for i in params[key].ids):
+            return None
+        return _attention_builder(mod, shape), params[key].ids[:2], list(mod.in_proj_weight.shape[:2])
+    return None
+
+
+def _conv_builder(mod: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...]):
+    out0, per_group_in = mod.weight.shape[:2]
+    depthwise = mod.groups == mod.in_channels and per_group_in == 1
+
+    def build(sizes: list[int]):
+        out, cin = sizes
+        if depthwise:
+            mult = mod.out_channels // mod.in_channels
+            out = max(mult, out // mult * mult)
+            groups = out // mult
+            inputs = groups
+        else:
+            groups = mod.groups
+            out = max(groups, -(-out // groups) * groups)
+            inputs = cin * groups
+        new = type(mod)(
+            inputs,
+            out,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            groups,
+            mod.bias is not None,
+            mod.padding_mode,
+        )
+        rel = out / out0 * ((inputs // groups) / per_group_in)
+        return new, (shape[0], inputs, *shape[2:]), rel
+
+    return build
+
+
+def _linear_builder(mod: nn.Linear, shape: tuple[int, ...]):
+    def build(sizes: list[int]):
+        out, cin = sizes
+        rel = out / mod.out_features * cin / mod.in_features
+        return nn.Linear(cin, out, bias=mod.bias is not None), (*shape[:-1], cin), rel
+
+    return build
+
+
+class _SelfAttention(nn.Module):
+    """An attention layer called as self-attention (query = key = value), for timing it alone."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def _attention_builder(mod: nn.Module, shape: tuple[int, ...]):
+    rows, width = mod.in_proj_weight.shape
+    head_dim = rows // 3 // mod.num_heads
+    out_dim = mod.out_proj.weight.shape[0]
+
+    def build(sizes: list[int]):
+        heads = max(1, round(sizes[0] / (3 * head_dim)))
+        cin = sizes[1]
+        out = max(1, round(out_dim * cin / width))  # the output projection rows follow the residual width
+        new = SlimMultiheadAttention(
+            cin, heads, head_dim, out, bias=mod.in_proj_bias is not None, batch_first=mod.batch_first
+        )
+        rel = heads / mod.num_heads * cin / width
+        return _SelfAttention(new), (*shape[:-1], cin), rel
+
+    return build
+
+
+# ---- latency-aware choice ------------------------------------------------------------------------------
+
+
+def _levels(g: Group, unit: int, max_ratio: float) -> np.ndarray:
+    """The kept counts group g may step through, descending from its size (steps of `unit` channels when
+    rounding, else about 1/32 of the group), never below (1 - max_ratio) of it nor its frozen channels."""
+    low = max(1, int(g.frozen.sum()), math.ceil((1 - max_ratio) * g.size - 1e-9))
+    if unit > 1:
+        low = max(unit, -(-low // unit) * unit)
+        return np.r_[g.size, np.arange(g.size // unit * unit, low - 1, -unit)].astype(np.int64)
+    step = max(1, g.size // 32)
+    return np.r_[np.arange(g.size, low, -step), low].astype(np.int64)
+
+
+def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ratio, dg):
+    """Greedy: the step with the least importance lost per estimated second saved, until the estimate
+    reaches the target (the estimate at the widths objective="macs" keeps). Importance lost = the removed
+    channels' mean score over their group's mean, times the MACs they remove: with equal scores the greedy
+    removes the MACs that cost the most seconds (depthwise, memory-bound layers) first."""
+    max_ratio = (1 + ratio) / 2 if max_ratio is None else max_ratio
+    units = _units(dg, groups, round_to) if round_to > 1 else np.ones(len(groups), dtype=np.int64)
+    sizes = np.array([g.size for g in groups], dtype=np.float64)
+    uniform = np.array([g.size - _quota(g, ratio) for g in groups], dtype=np.float64)
+    target = model.seconds(uniform / sizes)
+    touched = (model.n0 > 0).any(axis=0) | (model.n1 > 0).any(axis=0)
+    levels, lost = [], []
+    for g, u in zip(groups, units, strict=True):
+        levels.append(np.unique(_levels(g, int(u), max_ratio))[::-1])
+        s = np.sort(scores[g.atoms[_candidates(g)]])
+        lost.append(np.r_[0.0, np.cumsum(s / (s.mean() + 1e-12))])  # importance lost by removing the n lowest
+    pos = np.zeros(len(groups), dtype=np.int64)
+    kept = sizes.copy()
+    estimate = model.seconds(kept / sizes)
+    steps = 0
+    while estimate > target:
+        nxt = np.array([lv[min(p + 1, len(lv) - 1)] for lv, p in zip(levels, pos, strict=True)], dtype=np.float64)
+        movable = (nxt < kept) & touched
+        if not movable.any():
+            break
+        saved, macs = model.savings_if(kept / sizes, (nxt - kept) / sizes)
+        score = np.array(
+            [
+                (lo[int(s - n)] - lo[int(s - k)]) / (k - n) if m else 0.0
+                for lo, s, n, k, m in zip(lost, sizes, nxt, kept, movable, strict=True)
+            ]
+        )
+        price = np.where(movable & (saved > 0), score * macs / np.maximum(saved, 1e-30), np.inf)
+        j = int(np.argmin(price))
+        if not np.isfinite(price[j]):
+            break
+        pos[j] += 1
+        kept[j] = nxt[j]
+        estimate = model.seconds(kept / sizes)
+        steps += 1
+    # groups no measured layer depends on lose `ratio`, as with objective="macs"
+    for j in np.flatnonzero(~touched):
+        kept[j] = uniform[j] if round_to == 1 else _round_kept(groups[j], int(uniform[j]), int(units[j]))
+    kept = kept.astype(np.int64)
+    record = {
+        "latency": {
+            "target_s": target,
+            "estimated_s": estimate,
+            "estimated_full_s": model.seconds(np.ones(len(groups))),
+            "table_full_s": model.table_seconds,
+            "measured": model.measured,
+            "lookups": model.lookups,
+            "layers": len(model.layers),
+            "steps": steps,
+            "kept": {g.index: int(k) for g, k in zip(groups, kept, strict=True)},
+            "fits": [
+                {"node": x.node, "kind": x.kind, "a_s": x.a, "b_s": x.b, "points": x.points} for x in model.layers
+            ],
+        }
+    }
+    return kept, record
+
+
 def _keep_one_per_dim(dg: DependencyGraph, plan: ChannelPlan, scores: np.ndarray) -> None:
     """A split or slice can leave some tensor with no channel at all: give such a dim back its best one."""
     dims = [ids for v in dg.values.values() for _, ids in dims_of(v) if len(ids)]
@@ -107,4 +534,3 @@ def _keep_one_per_dim(dg: DependencyGraph, plan: ChannelPlan, scores: np.ndarray
         if (plan.target[atoms] < 0).all():
             best = atoms[np.argmax(scores[atoms])]
             plan.target[best] = best
-

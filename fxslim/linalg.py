@@ -27,11 +27,12 @@ _BLAS = ThreadpoolController()
 
 
 def one_blas_thread(fn):
-    """Run `fn` with the BLAS libraries limited to one thread."""
+    """Run `fn` with the BLAS libraries limited to one thread, on tensorly's numpy backend (whatever the
+    global backend is: importing tensorly-torch switches it to pytorch)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _BLAS.limit(limits=1, user_api="blas"):
+        with _BLAS.limit(limits=1, user_api="blas"), tl.backend_context("numpy"):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -90,9 +91,15 @@ def cp(tensor: np.ndarray, rank: int, *, n_iter_max: int = 30, seed: int = 0, to
     t = np.asarray(tensor, dtype=np.float64)
     with warnings.catch_warnings():  # ranks above a mode's size: tensorly pads the SVD init, and says so
         warnings.simplefilter("ignore", UserWarning)
-        init = initialize_cp(tl.tensor(t), rank, init="svd", random_state=seed)
+        try:
+            init = initialize_cp(tl.tensor(t), rank, init="svd", random_state=seed)
+        except ValueError:  # tensorly's SVD init fails on some modes of size 1 with rank > 1
+            init = initialize_cp(tl.tensor(t), rank, init="random", random_state=seed)
+    rng = np.random.default_rng(seed)
     factors = [np.asarray(f) for f in init.factors]
-    factors[0] = factors[0] * np.asarray(init.weights)[None, :]
+    # tensorly's SVD init can return fewer columns than `rank` for tiny modes: pad with small random ones
+    factors = [np.hstack([f, 1e-3 * rng.standard_normal((f.shape[0], rank - f.shape[1]))]) for f in factors]
+    factors[0] = factors[0] * np.resize(np.asarray(init.weights), rank)[None, :]
     letters = "abcdefgh"[: t.ndim]
     norm = np.linalg.norm(t)
     previous = np.inf
@@ -119,10 +126,12 @@ def tt(tensor: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
     return [np.asarray(c) for c in tensor_train(tl.tensor(np.asarray(tensor, dtype=np.float64)), [1, *ranks, 1])]
 
 
+@one_blas_thread
 def cp_to_tensor(factors: list[np.ndarray]) -> np.ndarray:
     return np.asarray(tl.cp_to_tensor((np.ones(factors[0].shape[1]), [tl.tensor(f) for f in factors])))
 
 
+@one_blas_thread
 def tt_to_tensor(cores: list[np.ndarray]) -> np.ndarray:
     return np.asarray(tl.tt_to_tensor([tl.tensor(c) for c in cores]))
 

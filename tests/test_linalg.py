@@ -61,3 +61,13 @@ def test_cosine_similarity():
     b = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     c = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     assert linalg.cosine_similarity(b, c) == pytest.approx(0.5)  # per-sample cosines 0 and 1, averaged
+
+
+def test_decompositions_use_numpy_whatever_the_global_tensorly_backend():
+    import tensorly as tl
+
+    w = np.random.default_rng(5).standard_normal((4, 3, 3, 3))
+    with tl.backend_context("pytorch"):  # what importing tensorly-torch does globally
+        t = linalg.tucker2(w)
+        assert np.allclose(np.einsum("oa,ab...,cb->oc...", *t.truncate(4, 3)[:2], t.truncate(4, 3)[2]), w)
+        assert linalg.cp_to_tensor(linalg.cp(w, 2, n_iter_max=3)).shape == w.shape

@@ -22,7 +22,8 @@ def shallow_clone(module: nn.Module) -> nn.Module:
     def clone(m: nn.Module) -> nn.Module:
         if id(m) in memo:  # a module used twice stays one module
             return memo[id(m)]
-        new = copy.copy(m)
+        new = type(m).__new__(type(m))  # what copy.copy does, without its generic __reduce_ex__ round trip
+        new.__dict__.update(m.__dict__)
         memo[id(m)] = new
         # Straight into __dict__: nn.Module.__setattr__ checks every name against parameters, buffers and
         # submodules, which made cloning a large model several times slower.
@@ -33,7 +34,7 @@ def shallow_clone(module: nn.Module) -> nn.Module:
         state["_modules"] = {k: None if v is None else clone(v) for k, v in m._modules.items()}
         for name, value in vars(m).items():  # hooks and other registries: the copy gets its own containers
             if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("always_called"):
-                state[name] = copy.copy(value)
+                state[name] = type(value)(value) if isinstance(value, dict | set | list) else copy.copy(value)
         return new
 
     return clone(module)

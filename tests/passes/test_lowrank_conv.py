@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxslim
+import fxslim.latency
 from fxslim import linalg
 from fxslim.pass_api import PassContext
 from fxslim.passes import lowrank_conv
@@ -246,3 +247,25 @@ def test_builtin_recipes_run_end_to_end():
         assert names[-1] == "finetune" and "lowrank_conv" in names
         assert res.report[-1].macs_after < res.report[0].macs_before
         assert res.module(x).shape == model(x).shape
+
+
+def test_latency_objective_uses_measured_layer_times(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXSLIM_CACHE", str(tmp_path))
+    _, gm, data, x = _setup(1)
+    res = lowrank_conv.run(
+        gm,
+        PassContext(example_inputs=(x,), data=data),
+        method="auto",
+        objective="latency",
+        similarity=0.9,
+        calib_samples=32,
+        ignore=["a", "b"],
+    )
+    table = fxslim.latency.LatencyTable(tmp_path / "latency.json")
+    assert len(table) >= 2  # the original conv and at least one chain, measured and saved
+    original = table.get(fxslim.latency.latency_key(gm.c, (1, 24, 12)))
+    assert original is not None
+    for rec in res.record["layers"]:
+        assert rec["latency_after"] < original
+    if not res.changed:
+        assert "faster" in res.record["skipped"]["c"] or "cheaper" in res.record["skipped"]["c"]

@@ -380,16 +380,21 @@ def drop_blocks(gm: fx.GraphModule, blocks: Sequence[tuple[str, str, nn.Module |
     return out, dropped
 
 
-def _live(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes the output depends on (one walk back from it; fx's dead-code pass is much slower)."""
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, todo = {out}, [out]
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node`'s value depends on (not `node` itself): one walk back over the inputs."""
+    seen, todo = set(), [node]
     while todo:
         for a in todo.pop().all_input_nodes:
-            if a not in live:
-                live.add(a)
+            if a not in seen:
+                seen.add(a)
                 todo.append(a)
-    return live
+    return seen
+
+
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the output depends on (fx's dead-code pass is much slower than this walk)."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return ancestors(out) | {out}
 
 
 def _out_of_place_users(gm: fx.GraphModule, node: fx.Node) -> None:

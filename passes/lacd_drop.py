@@ -23,7 +23,7 @@ from torch import fx, nn
 from fxslim.errors import PassError, RecipeError
 from fxslim.graph.shape import propagate
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.rewrite import drop_blocks
+from fxslim.rewrite import ancestors, drop_blocks
 from fxslim.training import split_batch
 
 NAME = "lacd_drop"
@@ -95,10 +95,10 @@ def candidate_blocks(gm: fx.GraphModule, example_inputs: tuple, plain: bool = Tr
             a, b = node.all_input_nodes
             for skip, branch in ((a, b), (b, a)):
                 root = _through_identity(gm, skip)
-                up = _ancestors(branch)
+                up = ancestors(branch)
                 if _shape(skip) == _shape(node) and root in up:
                     blocks.append(Block("residual", root.name, node.name))
-                    in_branch |= ({branch} | up) - _ancestors(root) - {root}
+                    in_branch |= ({branch} | up) - ancestors(root) - {root}
                     break
         elif plain and node.op == "call_module" and isinstance(gm.get_submodule(node.target), _CONVS):
             end = node
@@ -124,16 +124,6 @@ def _through_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
         node = node.args[0]
     return node
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def _shape(node) -> tuple | None:

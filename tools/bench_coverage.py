@@ -162,12 +162,7 @@ def bench_model(
         "stage": "setup",
         "error": None,
     }
-
-    def step(stage: str) -> None:
-        rec["stage"] = stage
-        if progress is not None:
-            progress.write_text(json.dumps(rec))
-
+    step = _stepper(rec, progress)
     step("setup")
     try:
         _run_stages(name, sp, rec, step, ort_latency, onnx_dir)
@@ -184,6 +179,18 @@ def bench_model(
     if progress is not None:
         progress.write_text(json.dumps(rec))
     return rec
+
+
+def _stepper(rec: dict, progress: Path | None):
+    """`step(stage)`: record the stage being entered, and write the record to `progress` so the parent can
+    tell where a worker that timed out or crashed was."""
+
+    def step(stage: str) -> None:
+        rec["stage"] = stage
+        if progress is not None:
+            progress.write_text(json.dumps(rec))
+
+    return step
 
 
 def _randomize_zero_weights(model) -> list[str]:
@@ -304,12 +311,7 @@ def bench_torch_pruning(name: str, *, progress: Path | None = None) -> dict[str,
 
     sp = spec_of(name)
     rec: dict[str, Any] = {"status": "running", "stage": "setup", "error": None}
-
-    def step(stage: str) -> None:
-        rec["stage"] = stage
-        if progress is not None:
-            progress.write_text(json.dumps(rec))
-
+    step = _stepper(rec, progress)
     step("setup")
     try:
         torch.manual_seed(0)

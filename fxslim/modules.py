@@ -76,3 +76,23 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
+
+
+class ChannelAffine(nn.Module):
+    """`y = scale · x + shift` per channel along `dim` (buffers, not trained): a per-channel correction kept
+    as an op of its own instead of folded into the neighbouring layer (e.g. `asr` with fold=False)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | None = None, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", torch.zeros_like(self.scale) if shift is None else shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}, dim={self.dim}"
+

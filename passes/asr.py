@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from fxslim.errors import PassError, RecipeError
 from fxslim.graph.clone import clone_gm
+from fxslim.modules import ChannelAffine
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.passes import bn_recalibrate
 from fxslim.passes.magnitude_prune import DENSE_META, prunable_layers
@@ -65,6 +66,7 @@ def run(
     threshold: float = 0.05,
     samples: int = 1024,
     recalibrate_bn: bool = True,
+    fold: bool = True,
     ignore: list[str] | tuple[str, ...] = (),
 ) -> PassResult:
     """placement: "bn" (γ applied through the following BatchNorm, which is re-estimated first) or "conv"
@@ -75,6 +77,9 @@ def run(
     for channels whose variance is below that fraction of the median.
     samples: calibration samples taken from ctx.data (run as one batch).
     recalibrate_bn: re-estimate the BatchNorm statistics on the same calibration samples.
+    fold: True (default) folds every correction into the layer or BN that carries it (no op added); False
+    keeps each as a ChannelAffine op right after that layer/BN (same outputs; the scales stay visible and
+    removable).
     ignore: conv/linear module names left as they are.
 
     record: {"placement", "mode", "shrinkage", "lambda", "samples", "recalibrated", "layers": {layer:
@@ -101,7 +106,10 @@ def run(
         )
         repair.run(*inputs)
 
+    if not fold:
+        out = _unfold(out, repair.applied)
     record = {
+        "fold": bool(fold),
         "placement": placement,
         "mode": mode,
         "shrinkage": bool(shrinkage and mode == "channel"),
@@ -302,6 +310,7 @@ class _Repair(fx.Interpreter):
         self.options = {"mode": mode, "shrinkage": shrinkage, "lam": lam, "threshold": threshold}
         self.recalibrate = recalibrate
         self.pending: dict[str, tuple] = {}  # bn node -> (γ, γ*) waiting to be applied there
+        self.applied: dict[str, tuple] = {}  # layer -> (node the scale acts after, how, per-channel scale, dim)
         self.summary: dict[str, dict] = {}
         self.channels: dict[str, dict] = {}
 
@@ -331,6 +340,7 @@ class _Repair(fx.Interpreter):
             self.pending[site.bn_node] = (g, full)
             return result
         _scale_rows(layer, g)
+        self.applied[site.layer] = (site.node, "rows", g, dim)
         shape = [1] * result.dim()
         shape[dim] = -1
         return result * g.to(result.dtype).view(shape)
@@ -348,6 +358,7 @@ class _Repair(fx.Interpreter):
         (γ* = 1 when the BN keeps its statistics)."""
         bn = self.module.get_submodule(site.bn)
         rho = g / g_star
+        self.applied[site.layer] = (site.bn_node, "bn", rho, 1)
         if bn.weight is not None:
             bn.weight = nn.Parameter((bn.weight.detach().double() * rho).to(bn.weight.dtype), bn.weight.requires_grad)
         else:  # no affine weight: the same scale through the variance it divides by
@@ -367,6 +378,34 @@ class _Repair(fx.Interpreter):
             "v_pruned": v_p.tolist(),
             "gamma": g.tolist(),
         }
+
+
+def _unfold(gm: fx.GraphModule, applied: dict[str, tuple]) -> fx.GraphModule:
+    """Take each folded correction back out of its layer/BN and apply it as a ChannelAffine op after it.
+    After a BN whose weight was scaled by ρ: ρ·BN(x) + β(1 − ρ) = (ρ w) x̂ + β, the folded result."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for where, how, rho, dim in applied.values():
+        node = nodes[where]
+        module = gm.get_submodule(node.target)
+        shift = None
+        if how == "rows":
+            _scale_rows(module, 1.0 / rho)
+        elif module.weight is not None:
+            w = module.weight
+            module.weight = nn.Parameter((w.detach().double() / rho).to(w.dtype), w.requires_grad)
+            if module.bias is not None:
+                shift = (module.bias.detach().double() * (1 - rho)).float()
+        else:  # the variance trick of _apply_at_bn, undone; without affine the BN's output has no shift
+            var = (module.running_var.double() + module.eps) * rho.square() - module.eps
+            module.running_var = var.clamp_min(0).to(module.running_var.dtype)
+        name = f"{where}_asr"
+        gm.add_submodule(name, ChannelAffine(rho.float(), shift, dim))
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda u, scaled=scaled: u is not scaled)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _scale_rows(layer: nn.Module, g: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.e2cnn_adapter import GroupMaxPool
-from fxslim.modules import SlimMultiheadAttention
+from fxslim.modules import ChannelAffine, SlimMultiheadAttention
 
 FIXED, CHANNEL, SLICE = 0, 1, 2  # kinds of index: never prunable / a prunable channel / a parameter dim
 
@@ -711,6 +711,17 @@ def multihead_attention_update(node, mod, b):
     setattr(b.gm.get_submodule(parent) if parent else b.gm, attr, SlimMultiheadAttention.from_module(mod))
 
 
+def channel_affine(b, node, mod):
+    """ChannelAffine: channels pass; its scale and shift buffers are sliced with the channel dim."""
+    x = b.ids(node.args[0])
+    if x is None:
+        return None
+    d = _norm_dim(mod.dim, len(x))
+    for attr in ("scale", "shift"):
+        b.param(node, attr, [SLICE], ["param"], like=[x[d]])
+    return list(x)
+
+
 def group_max_pool(b, node, mod):
     """e2cnn GroupPooling (max over each field's `group_size` channels): a field is one channel, and output
     channel f is input field f. The module reshapes with -1, so removing whole fields needs no update."""
@@ -832,6 +843,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     GroupMaxPool: Rule(group_max_pool),
+    ChannelAffine: Rule(channel_affine),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
     **{t: Rule(spatial(n)) for t, n in _POOLS.items()},
 }

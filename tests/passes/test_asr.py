@@ -245,6 +245,34 @@ def test_composes_with_prune_channels_and_exports_to_onnx(tmp_path) -> None:
         fxslim.compress(model, x, wrong, data=data)
 
 
+@pytest.mark.parametrize("placement", ["bn", "conv"])
+@pytest.mark.parametrize("mode", ["channel", "layer"])
+def test_unfolded_corrections_are_ops_with_the_folded_outputs(placement, mode, tmp_path) -> None:
+    """fold=False: each correction is a ChannelAffine op after its layer/BN, the outputs equal the folded
+    model's, the weights stay the pruned ones, and the result still prunes and exports."""
+    from fxslim.modules import ChannelAffine
+
+    torch.manual_seed(0)
+    model = BNNet().eval()
+    data = batches((3, 6, 6), seed=3)
+    x = data[0][0][:2]
+    common = [{"pass": "magnitude_prune", "sparsity": 0.8}]
+    opts = {"pass": "asr", "samples": 128, "placement": placement, "mode": mode}
+    folded = fxslim.compress(model, x, [*common, opts], data=data).module
+    res = fxslim.compress(model, x, [*common, {**opts, "fold": False}], data=data)
+    kept = res.module
+    ops = [m for m in kept.modules() if isinstance(m, ChannelAffine)]
+    assert len(ops) == len(res.report[-1].details["layers"]) == 3  # conv1, conv2, fc
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules())
+    batch = torch.cat([b[0] for b in data])
+    torch.testing.assert_close(kept(batch), folded(batch), atol=1e-5, rtol=1e-4)
+    pruned = fxslim.compress(model, x, common, data=data).module
+    torch.testing.assert_close(kept.conv2.weight, pruned.conv2.weight)  # the correction is not in the weights
+    assert export_onnx(kept, x, tmp_path / "kept.onnx") < 1e-4
+    smaller = fxslim.compress(kept, x, [{"pass": "prune_channels", "ratio": 0.25}]).module
+    assert smaller(x).shape == kept(x).shape
+
+
 def test_needs_data_and_a_dense_model_and_valid_options() -> None:
     pruned, ctx, data = pruned_bn_net()
     with pytest.raises(PassError, match="needs data"):

@@ -178,7 +178,8 @@ def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: boo
     return total / norm.view(view)
 
 
-def _set_tensor(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
+def set_tensor(gm: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer at qualified name `key` (a parameter keeps its requires_grad)."""
     owner_name, _, attr = key.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     old = getattr(owner, attr)
@@ -208,7 +209,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
                 t = _reindex(t.detach(), k, dest, size, select, p.roles[k] == "in", w)
                 changed = True
             if changed:
-                _set_tensor(new, p.key, t)
+                set_tensor(new, p.key, t)
                 reindexed.append(p.key)
     applier = _Applier(plan, old_nodes, new)
     for node in new.graph.nodes:

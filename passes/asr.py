@@ -37,6 +37,7 @@ from fxslim.modules import ChannelAffine
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.passes import bn_recalibrate
 from fxslim.passes.magnitude_prune import DENSE_META, prunable_layers
+from fxslim.rewrite import set_tensor
 from fxslim.training import split_batch
 
 NAME = "asr"
@@ -144,7 +145,7 @@ def dense_model(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             )
         dense = clone_gm(gm)
         for key in own:
-            _set_tensor(dense, key, state[key].clone())
+            set_tensor(dense, key, state[key].clone())
         return dense
     ref = ctx.reference
     if ref is not None and [n.name for n in ref.graph.nodes] == [n.name for n in gm.graph.nodes]:
@@ -416,13 +417,3 @@ def _scale_rows(layer: nn.Module, g: torch.Tensor) -> None:
     if layer.bias is not None:
         b = layer.bias
         layer.bias = nn.Parameter((b.detach().double() * g).to(b.dtype), b.requires_grad)
-
-
-def _set_tensor(gm: nn.Module, key: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = key.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = value

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxslim.errors import AnalysisError
 
@@ -23,32 +23,112 @@ class _NodeFailure(Exception):
         self.cause = cause
 
 
-class _QuietShapeProp(ShapeProp):
-    """`ShapeProp` that reports the failing node to us instead of printing a traceback to stderr.
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
-    The stock `run_node` calls `traceback.print_exc()` and re-raises a RuntimeError that embeds the whole
-    `node.meta`; we want one typed error with a short message, so we run the node ourselves and record
-    the metadata exactly as `ShapeProp` does (same `TensorMetadata`, same `meta['type']`)."""
 
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = fx.Interpreter.run_node(self, n)
-        except Exception as e:  # any user-code failure becomes an AnalysisError naming the node
-            raise _NodeFailure(n, e) from e
-        found_tensor = False
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """`torch.fx.passes.shape_prop._extract_tensor_metadata(t)`, equal field for field, without its Python
+    re-derivation of contiguity: for a plain dense tensor the C++ flags `is_contiguous(memory_format=...)`
+    hold the same answers (tested in tests/graph/test_shape.py); anything else goes through torch's own."""
+    if type(t) not in _PLAIN_TENSORS or t.layout is not torch.strided or t.is_quantized or not t.numel():
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
+def _record(node: fx.Node, value: Any) -> None:
+    """What `ShapeProp.run_node` stores: `meta['tensor_meta']` when the value holds a tensor, `meta['type']`."""
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = tensor_metadata(value)
+    elif isinstance(value, (tuple, list, dict, slice)):
+        found = []
 
         def extract(obj: Any) -> Any:
-            nonlocal found_tensor
             if isinstance(obj, torch.Tensor):
-                found_tensor = True
-                return _extract_tensor_metadata(obj)
+                found.append(True)
+                return tensor_metadata(obj)
             return obj
 
-        meta = fx.node.map_aggregate(result, extract)
-        if found_tensor:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
+        meta = fx.node.map_aggregate(value, extract)
+        if found:
+            node.meta["tensor_meta"] = meta
+    node.meta["type"] = type(value)
+
+
+def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the values that no node after it reads (freed as the run goes, as fx.Interpreter does)."""
+    seen: set[fx.Node] = set()
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(nodes):
+        for a in node.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                out.setdefault(node, []).append(a)
+    return out
+
+
+def _run_recording(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Run `gm`'s graph node by node, as `torch.fx.Interpreter.run` does (same placeholder, attribute, call and
+    output semantics), recording each node's metadata as `ShapeProp` does. fx's Interpreter spends most of
+    its time per node outside the ops (a context manager, getattr dispatch, an attribute walk per module
+    call, a Python contiguity check per tensor); this loop keeps only the calls."""
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    frees = _last_uses(nodes)
+    args_iter = iter(graph.process_inputs(*inputs))
+    env: dict[fx.Node, Any] = {}
+    load = env.__getitem__
+    for node in nodes:
+        try:
+            value = _run_node(gm, node, modules, env, load, args_iter)
+        except Exception as e:  # any user-code failure becomes an AnalysisError naming the node
+            raise _NodeFailure(node, e) from e
+        _record(node, value)
+        env[node] = value
+        for dead in frees.get(node, ()):
+            del env[dead]
+        if node.op == "output":
+            return
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load, args_iter) -> Any:
+    op = node.op
+    if op == "placeholder":
+        if str(node.target).startswith("*"):
+            return list(args_iter)
+        try:
+            return next(args_iter)
+        except StopIteration as si:
+            if node.args:
+                return node.args[0]
+            raise RuntimeError(f"no value passed for input {node.target!r} and it has no default") from si
+    args = fx.node.map_arg(node.args, load)
+    kwargs = fx.node.map_arg(node.kwargs, load)
+    if op == "call_function":
+        return node.target(*args, **kwargs)
+    if op == "call_module":
+        module = modules.get(node.target)
+        return (module if module is not None else _fetch(gm, node.target))(*args, **kwargs)
+    if op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    if op == "get_attr":
+        return _fetch(gm, node.target)
+    if op == "output":
+        return args[0]
+    raise RuntimeError(f"node {node.name!r} has unknown op {op!r}")
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    """`Interpreter.fetch_attr`: walk the qualified name, naming the missing part."""
+    value: Any = gm
+    for i, part in enumerate(target.split(".")):
+        if not hasattr(value, part):
+            raise RuntimeError(f"Node referenced nonexistent target {'.'.join(target.split('.')[: i + 1])}")
+        value = getattr(value, part)
+    return value
 
 
 def _describe_value(value: Any) -> str:
@@ -82,10 +162,13 @@ SHAPES_META = "fxslim_shapes_of"  # gm.meta key: the fingerprint the node shapes
 def fingerprint(gm: fx.GraphModule, example_inputs: tuple) -> tuple:
     """What node shapes depend on: the generated code (graph structure and arguments), every parameter and
     buffer shape and dtype, every module's configuration (stride, groups, ...) and the input shapes."""
-    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in gm.state_dict(keep_vars=True).items())
-    config = tuple((name, type(m).__name__, m.extra_repr()) for name, m in gm.named_modules())
+    config, tensors = [], []
+    for name, m in gm.named_modules():  # one walk (state_dict() would walk the tree again, with its hooks)
+        config.append((name, type(m).__name__, m.extra_repr()))
+        for store in (m._parameters, m._buffers):
+            tensors += [(name, k, v.shape, v.dtype) for k, v in store.items() if v is not None]
     inputs = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs)
-    return gm.code, tensors, config, inputs
+    return gm.code, tuple(tensors), tuple(config), inputs
 
 
 def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False) -> None:
@@ -111,7 +194,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False)
     gm.eval()
     try:
         with torch.no_grad():
-            _QuietShapeProp(gm).propagate(*inputs)
+            _run_recording(gm, inputs)
     except _NodeFailure as f:
         n = f.node
         raise AnalysisError(

@@ -16,8 +16,11 @@ ALS fit per probed rank).
 `method="auto"` (the hybrid) keeps, per layer, the method meeting the threshold with the lowest
 `objective`: "flops" (MACs), "memory" (params) or "latency" (onnxruntime time of the layer alone on this
 machine, fxslim.latency, cached). A layer is left alone when no chain is cheaper than the original in
-the objective. `model_similarity` adds a whole-model budget: the per-layer threshold is raised until the
-factorised model's output reaches that cosine similarity with the original on the calibration set.
+the objective. `dissimilarity_scale` holds chosen methods to a stricter threshold in the hybrid: {"cp": 0.5}
+lets a CP chain lose only half the similarity the others may (1 - s_cp = 0.5 (1 - s)), because CP chains
+recover less in the one-shot fine-tune than their similarity before it suggests (docs/results/lrf.md).
+`model_similarity` adds a whole-model budget: the per-layer threshold is raised until the factorised model's
+output reaches that cosine similarity with the original on the calibration set.
 
 The search/choice driver `factorise` is shared with `lowrank_linear`, which brings its own methods.
 This file decides ranks and methods; the graph edit is `fxslim.rewrite.replace_modules(inline=True)`."""
@@ -290,6 +293,7 @@ def run(
     calib_samples: int = 1000,
     model_similarity: float | None = None,
     cp_iterations: int = 30,
+    dissimilarity_scale: dict[str, float] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
 ) -> PassResult:
     """method: "tucker" | "cp" | "tt" | "auto" (per layer, the cheapest in `objective` of those meeting the
@@ -303,6 +307,8 @@ def run(
     calib_samples: calibration samples taken from ctx.data for the search.
     model_similarity: optional whole-model budget (cosine of the model outputs on the calibration set).
     cp_iterations: ALS sweeps per CP fit.
+    dissimilarity_scale: method="auto" only; per method a factor in (0, 1] on its allowed 1 - similarity
+        (methods not named keep 1).
     ignore: module names (targets) left alone.
 
     record: {"layers": [{node, target, method, ranks, similarity, params/macs before/after, ...}],
@@ -324,6 +330,7 @@ def run(
         model_similarity=model_similarity,
         ignore=ignore,
         options={"cp_iterations": cp_iterations},
+        dissimilarity_scale=dissimilarity_scale,
     )
 
 
@@ -390,6 +397,27 @@ def check_options(
         raise RecipeError(f"pass {pass_name!r}: calib_samples={calib_samples!r} must be an int >= 1")
 
 
+def check_dissimilarity_scale(pass_name: str, methods: Iterable[str], method: str, scale) -> dict[str, float]:
+    """The validated per-method factors on the allowed dissimilarity (empty when none are given)."""
+    if not scale:
+        return {}
+    if method != "auto":
+        raise RecipeError(f"pass {pass_name!r}: dissimilarity_scale only applies to method='auto', not {method!r}")
+    if not isinstance(scale, dict):
+        raise RecipeError(f"pass {pass_name!r}: dissimilarity_scale={scale!r} must be a table method -> factor")
+    for name, factor in scale.items():
+        if name not in methods:
+            raise RecipeError(f"pass {pass_name!r}: dissimilarity_scale names {name!r}; valid: {', '.join(methods)}")
+        if isinstance(factor, bool) or not (isinstance(factor, (int, float)) and 0 < factor <= 1):
+            raise RecipeError(f"pass {pass_name!r}: dissimilarity_scale[{name!r}]={factor!r} must be in (0, 1]")
+    return {name: float(factor) for name, factor in scale.items()}
+
+
+def method_threshold(threshold: float, method: str, scale: dict[str, float]) -> float:
+    """The similarity `method` must reach: its share `scale[method]` of the allowed 1 - threshold."""
+    return 1 - scale.get(method, 1.0) * (1 - threshold)
+
+
 def factorise(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -408,10 +436,12 @@ def factorise(
     model_similarity: float | None,
     ignore: Iterable[str],
     options: dict,
+    dissimilarity_scale: dict[str, float] | None = None,
 ) -> PassResult:
     check_options(
         pass_name, methods, method, rank, similarity, objective, search, step, calib_samples, model_similarity
     )
+    scale = check_dissimilarity_scale(pass_name, methods, method, dissimilarity_scale)
     out = clone_gm(gm)
     propagate(out, ctx.example_inputs)
     layers, skipped = _layers(out, layer_types, skip_reason, set(ignore))
@@ -430,8 +460,9 @@ def factorise(
     for _round in range(8):
         chosen = {}
         for lay in layers:
+            thresholds = {m: method_threshold(threshold, m, scale) for m in names}
             choice, why = _choose(
-                lay, [facs[lay.node, m] for m in names], rank, threshold, objective, search, step, sims
+                lay, [facs[lay.node, m] for m in names], rank, thresholds, objective, search, step, sims
             )
             if choice is None:
                 skipped[lay.target] = why
@@ -453,6 +484,7 @@ def factorise(
         "skipped": skipped,
         "search_seconds": seconds,
         "layer_similarity": threshold,
+        "method_similarity": {m: method_threshold(threshold, m, scale) for m in names},
         "methods": {m: sum(r["method"] == m for r in per_layer) for m in names},
     }
     if model_similarity is not None and rank is None:
@@ -578,8 +610,16 @@ def _search(
 
 
 def _choose(
-    lay: Layer, facs: list[Factorisation], rank, threshold: float, objective: str, search: str, step: int, sims: dict
+    lay: Layer,
+    facs: list[Factorisation],
+    rank,
+    thresholds: dict[str, float],
+    objective: str,
+    search: str,
+    step: int,
+    sims: dict,
 ) -> tuple[Choice | None, str]:
+    """The cheapest chain in `objective` among `facs`, each at the smallest rank meeting its method's threshold."""
     original = facs[0].original_cost()
     budget = _metric(objective, *original)
     options: list[Choice] = []
@@ -596,9 +636,11 @@ def _choose(
             if cap == 0:
                 reasons.append(f"{fac.method}: no rank is cheaper")
                 continue
-            k = _search(lay, fac, threshold, cap, search, step, sims)
+            k = _search(lay, fac, thresholds[fac.method], cap, search, step, sims)
             if k is None:
-                reasons.append(f"{fac.method}: similarity {threshold:.4f} needs a rank that is not cheaper")
+                reasons.append(
+                    f"{fac.method}: similarity {thresholds[fac.method]:.4f} needs a rank that is not cheaper"
+                )
                 continue
         sim = sims.get((lay.node, fac.method, k))
         options.append(Choice(fac.method, k, fac, *fac.cost(k), similarity=sim))

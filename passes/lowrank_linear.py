@@ -153,6 +153,7 @@ def run(
     step: int = 1,
     calib_samples: int = 1000,
     model_similarity: float | None = None,
+    dissimilarity_scale: dict[str, float] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
 ) -> PassResult:
     """method: "svd" | "qr" | "tt" | "auto" (per layer, the cheapest in `objective` meeting the threshold).
@@ -176,4 +177,5 @@ def run(
         model_similarity=model_similarity,
         ignore=ignore,
         options={},
+        dissimilarity_scale=dissimilarity_scale,
     )

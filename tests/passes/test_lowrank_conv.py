@@ -269,3 +269,36 @@ def test_latency_objective_uses_measured_layer_times(tmp_path, monkeypatch):
         assert rec["latency_after"] < original
     if not res.changed:
         assert "faster" in res.record["skipped"]["c"] or "cheaper" in res.record["skipped"]["c"]
+
+
+def test_dissimilarity_scale_holds_cp_to_a_stricter_threshold_and_changes_only_cp_choices():
+    _, gm, data, x = _setup(1, seed=1)
+    ctx = PassContext(example_inputs=(x,), data=data)
+    plain = lowrank_conv.run(gm, ctx, method="auto", similarity=0.8, calib_samples=64)
+    strict = lowrank_conv.run(gm, ctx, method="auto", similarity=0.8, calib_samples=64, dissimilarity_scale={"cp": 0.5})
+    assert strict.record["method_similarity"] == pytest.approx({"tucker": 0.8, "cp": 0.9, "tt": 0.8})
+    assert plain.record["method_similarity"] == pytest.approx({"tucker": 0.8, "cp": 0.8, "tt": 0.8})
+    assert plain.record["methods"]["cp"] > 0  # the case is only a test when the plain hybrid picks CP somewhere
+    before = {r["target"]: r for r in plain.record["layers"]}
+    for rec in strict.record["layers"]:
+        assert rec["similarity"] >= (0.9 if rec["method"] == "cp" else 0.8)
+        old = before[rec["target"]]
+        if old["method"] != "cp":  # CP only became harder to pick: every other choice stands
+            assert (rec["method"], rec["k"]) == (old["method"], old["k"])
+        else:
+            assert rec["macs_after"] >= old["macs_after"]
+    assert fxslim.count(strict.module, (x,)).macs >= fxslim.count(plain.module, (x,)).macs
+
+
+def test_dissimilarity_scale_errors_name_the_pass_and_the_entry():
+    _, gm, data, x = _setup(2)
+    ctx = PassContext(example_inputs=(x,), data=data)
+    for bad, match in (
+        (dict(method="tucker", dissimilarity_scale={"cp": 0.5}), "only applies to method='auto'"),
+        (dict(method="auto", dissimilarity_scale={"svd": 0.5}), "names 'svd'"),
+        (dict(method="auto", dissimilarity_scale={"cp": 0}), r"\['cp'\]=0"),
+        (dict(method="auto", dissimilarity_scale={"cp": 1.5}), r"\['cp'\]=1.5"),
+        (dict(method="auto", dissimilarity_scale=[0.5]), "must be a table"),
+    ):
+        with pytest.raises(fxslim.RecipeError, match=f"lowrank_conv.*{match}"):
+            lowrank_conv.run(gm, ctx, **bad)

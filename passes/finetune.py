@@ -15,6 +15,7 @@ import copy
 import itertools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ def run(
     record: {"epochs": int, "steps": int, "final_train_loss": float | None, "final_train_acc": float | None,
     "best_val_acc": float | None, "stopped_early": bool}.
     """
-    _check_options(
+    opts = Options(
         epochs=epochs,
         lr=lr,
         optimizer=optimizer,
@@ -101,40 +102,26 @@ def run(
         adaptive=adaptive,
         min_drop=min_drop,
     )
+    opts.check()
     data = ctx.require_data(NAME)
     if kd_temperature is not None and ctx.reference is None:
         raise PassError(f"pass {NAME!r}: kd_temperature is set but ctx.reference (the teacher) is None")
     if adaptive and ctx.reference is None:
         raise PassError(f"pass {NAME!r}: adaptive=True compares with ctx.reference, which is None")
-    if adaptive:
-        return _adaptive(
-            gm,
-            ctx,
-            data,
-            min_drop,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            step_size=step_size,
-            gamma=gamma,
-            kd_temperature=kd_temperature,
-            kd_alpha=kd_alpha,
-            patience=patience,
-            val_fraction=val_fraction,
-            max_batches_per_epoch=max_batches_per_epoch,
-        )
+    return _adaptive(gm, ctx, data, opts) if adaptive else _train(gm, ctx, data, opts)
 
+
+def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) -> PassResult:
+    """Train a copy of `gm` with `opts` (the adaptive gate, if any, has already decided to train)."""
     gm = copy.deepcopy(gm)
     home = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
     gm.to(ctx.device)
-    if not any(p.requires_grad for p in gm.parameters()) or epochs == 0:
+    if not any(p.requires_grad for p in gm.parameters()) or opts.epochs == 0:
         gm.eval().to(home)
         return PassResult(gm, changed=False, record=fit_record_empty())
     # A copy of the teacher: moving or switching the reference to eval would mutate the caller's model.
-    teacher = copy.deepcopy(ctx.reference).to(ctx.device).eval() if kd_temperature is not None else None
-    needs_val = patience is not None or scheduler == "plateau"
+    teacher = copy.deepcopy(ctx.reference).to(ctx.device).eval() if opts.kd_temperature is not None else None
+    needs_val = opts.patience is not None or opts.scheduler == "plateau"
     # A model that declares a symmetry group (e2cnn) trains by projected gradient descent: its convs are
     # projected back onto the equivariant subspace before every forward, so the invariance survives.
     hook = None
@@ -147,18 +134,18 @@ def run(
         hook = gm.register_forward_pre_hook(lambda module, args: e2cnn_adapter.symmetrize_(module))
     record = fit(
         gm,
-        lambda epoch: _split_epoch(data, needs_val, val_fraction, max_batches_per_epoch),
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        scheduler=scheduler,
-        step_size=step_size,
-        gamma=gamma,
+        lambda epoch: _split_epoch(data, needs_val, opts.val_fraction, opts.max_batches_per_epoch),
+        epochs=opts.epochs,
+        lr=opts.lr,
+        optimizer=opts.optimizer,
+        weight_decay=opts.weight_decay,
+        scheduler=opts.scheduler,
+        step_size=opts.step_size,
+        gamma=opts.gamma,
         teacher=teacher,
-        kd_temperature=kd_temperature,
-        kd_alpha=kd_alpha,
-        patience=patience,
+        kd_temperature=opts.kd_temperature,
+        kd_alpha=opts.kd_alpha,
+        patience=opts.patience,
         seed=ctx.seed,
         device=ctx.device,
         desc=NAME,
@@ -172,17 +159,17 @@ def run(
     return PassResult(gm, changed=record["steps"] > 0, record=record)
 
 
-def _adaptive(gm: fx.GraphModule, ctx: PassContext, data: Iterable, min_drop: float, **options: Any) -> PassResult:
+def _adaptive(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) -> PassResult:
     """Train only when the held-out accuracy drop against the reference exceeds `min_drop` (paper step 5)."""
-    _, val = _split_epoch(data, True, options["val_fraction"], None)
+    _, val = _split_epoch(data, True, opts.val_fraction, None)
     # Scoring switches a module to eval and moves it: copies, never the caller's modules.
     ref_acc = evaluate_accuracy(copy.deepcopy(ctx.reference).to(ctx.device), val, ctx.device)
     before = evaluate_accuracy(copy.deepcopy(gm).to(ctx.device), val, ctx.device)
     gate = {"reference_acc": ref_acc, "acc_before": before, "drop_before": ref_acc - before}
-    ctx.debug("finetune adaptive: %s (min_drop %s)", gate, min_drop)
-    if ref_acc - before <= min_drop:
+    ctx.debug("finetune adaptive: %s (min_drop %s)", gate, opts.min_drop)
+    if ref_acc - before <= opts.min_drop:
         return PassResult(gm, False, {**fit_record_empty(), **gate, "trained": False, "acc_after": before})
-    res = run(gm, ctx, **options)
+    res = _train(gm, ctx, data, opts)
     after = evaluate_accuracy(copy.deepcopy(res.module).to(ctx.device), val, ctx.device)
     return PassResult(res.module, res.changed, {**res.record, **gate, "trained": True, "acc_after": after})
 
@@ -211,59 +198,64 @@ def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batch
     return train, val
 
 
-def _check_options(
-    *,
-    epochs: int,
-    lr: float,
-    optimizer: str,
-    weight_decay: float,
-    scheduler: str | None,
-    step_size: int,
-    gamma: float,
-    kd_temperature: float | None,
-    kd_alpha: float,
-    patience: int | None,
-    val_fraction: float,
-    max_batches_per_epoch: int | None,
-    adaptive: bool = False,
-    min_drop: float = 0.02,
-) -> None:
-    """RecipeError naming the option and its valid values for the first bad one."""
+@dataclass(frozen=True)
+class Options:
+    """The pass's options (documented on `run`), checked once and handed to the gate and the trainer."""
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+    epochs: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    scheduler: str | None
+    step_size: int
+    gamma: float
+    kd_temperature: float | None
+    kd_alpha: float
+    patience: int | None
+    val_fraction: float
+    max_batches_per_epoch: int | None
+    adaptive: bool
+    min_drop: float
 
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def check(self) -> None:
+        """RecipeError naming the option and its valid values for the first bad one."""
+        for ok, message in self._problems():
+            if not ok:
+                raise RecipeError(f"pass {NAME!r}: {message}")
 
-    problems = [
-        (is_int(epochs) and epochs >= 0, f"epochs must be an integer >= 0, got {epochs!r}"),
-        (is_num(lr) and lr >= 0, f"lr must be >= 0, got {lr!r}"),
-        (optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}"),
-        (is_num(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay!r}"),
-        (scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}"),
-        (is_int(step_size) and step_size >= 1, f"step_size must be an integer >= 1, got {step_size!r}"),
-        (is_num(gamma) and 0 < gamma <= 1, f"gamma must be in (0, 1], got {gamma!r}"),
-        (
-            kd_temperature is None or (is_num(kd_temperature) and kd_temperature > 0),
-            f"kd_temperature must be > 0, got {kd_temperature!r}",
-        ),
-        (is_num(kd_alpha) and 0 <= kd_alpha <= 1, f"kd_alpha must be in [0, 1], got {kd_alpha!r}"),
-        (
-            patience is None or (is_int(patience) and patience >= 1),
-            f"patience must be None or >= 1, got {patience!r}",
-        ),
-        (
-            is_num(val_fraction) and 0 < val_fraction < 1,
-            f"val_fraction must be in (0, 1), got {val_fraction!r}",
-        ),
-        (
-            max_batches_per_epoch is None or (is_int(max_batches_per_epoch) and max_batches_per_epoch >= 1),
-            f"max_batches_per_epoch must be None or an integer >= 1, got {max_batches_per_epoch!r}",
-        ),
-        (isinstance(adaptive, bool), f"adaptive must be True or False, got {adaptive!r}"),
-        (is_num(min_drop) and 0 <= min_drop < 1, f"min_drop must be in [0, 1), got {min_drop!r}"),
-    ]
-    for ok, message in problems:
-        if not ok:
-            raise RecipeError(f"pass {NAME!r}: {message}")
+    def _problems(self) -> list[tuple[bool, str]]:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        o = self
+        return [
+            (is_int(o.epochs) and o.epochs >= 0, f"epochs must be an integer >= 0, got {o.epochs!r}"),
+            (is_num(o.lr) and o.lr >= 0, f"lr must be >= 0, got {o.lr!r}"),
+            (o.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}"),
+            (is_num(o.weight_decay) and o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay!r}"),
+            (o.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {o.scheduler!r}"),
+            (is_int(o.step_size) and o.step_size >= 1, f"step_size must be an integer >= 1, got {o.step_size!r}"),
+            (is_num(o.gamma) and 0 < o.gamma <= 1, f"gamma must be in (0, 1], got {o.gamma!r}"),
+            (
+                o.kd_temperature is None or (is_num(o.kd_temperature) and o.kd_temperature > 0),
+                f"kd_temperature must be > 0, got {o.kd_temperature!r}",
+            ),
+            (is_num(o.kd_alpha) and 0 <= o.kd_alpha <= 1, f"kd_alpha must be in [0, 1], got {o.kd_alpha!r}"),
+            (
+                o.patience is None or (is_int(o.patience) and o.patience >= 1),
+                f"patience must be None or >= 1, got {o.patience!r}",
+            ),
+            (
+                is_num(o.val_fraction) and 0 < o.val_fraction < 1,
+                f"val_fraction must be in (0, 1), got {o.val_fraction!r}",
+            ),
+            (
+                o.max_batches_per_epoch is None or (is_int(o.max_batches_per_epoch) and o.max_batches_per_epoch >= 1),
+                f"max_batches_per_epoch must be None or an integer >= 1, got {o.max_batches_per_epoch!r}",
+            ),
+            (isinstance(o.adaptive, bool), f"adaptive must be True or False, got {o.adaptive!r}"),
+            (is_num(o.min_drop) and 0 <= o.min_drop < 1, f"min_drop must be in [0, 1), got {o.min_drop!r}"),
+        ]

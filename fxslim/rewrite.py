@@ -133,6 +133,28 @@ class _Applier:
         self.plan = plan
         self.old = old_nodes
         self.gm = gm  # the new module, for updates that swap a submodule
+        # The plan does not change while it is applied: each dim's map is computed once (dims are shared
+        # arrays, a residual stream's channel ids are read by every node on it).
+        self._dests: dict[int, tuple] = {}
+
+    def dest(self, ids: np.ndarray) -> tuple[np.ndarray, int, bool] | None:
+        """`plan.dest(ids)`, memoised for this application of the plan."""
+        hit = self._dests.get(id(ids))
+        if hit is None or hit[0] is not ids:
+            hit = self._dests[id(ids)] = (ids, self.plan.dest(ids))
+        return hit[1]
+
+    def new_size(self, ids: np.ndarray) -> int:
+        d = self.dest(ids)
+        return len(ids) if d is None else d[1]
+
+    def changed(self, value) -> bool:
+        """Whether any dim of a node value (list of id arrays, or a tuple of those) changes."""
+        if isinstance(value, list):
+            return any(self.dest(ids) is not None for ids in value)
+        if isinstance(value, tuple):
+            return any(self.changed(v) for v in value)
+        return False
 
     def _old(self, node):
         return self.old.get(node.name) if isinstance(node, fx.Node) else None
@@ -147,9 +169,9 @@ class _Applier:
     def new_shapes(self, node):
         v = self.raw(node)
         if isinstance(v, list):
-            return [self.plan.new_size(ids) for ids in v]
+            return [self.new_size(ids) for ids in v]
         if isinstance(v, tuple):
-            return [None if e is None else [self.plan.new_size(ids) for ids in e] for e in v]
+            return [None if e is None else [self.new_size(ids) for ids in e] for e in v]
         return None
 
     def kept_positions(self, ids: np.ndarray) -> np.ndarray:
@@ -181,12 +203,7 @@ def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: boo
 def set_tensor(gm: nn.Module, key: str, value: torch.Tensor) -> None:
     """Replace the parameter or buffer at qualified name `key` (a parameter keeps its requires_grad)."""
     owner_name, _, attr = key.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = value
+    _set_on(gm.get_submodule(owner_name) if owner_name else gm, attr, value)
 
 
 def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
@@ -196,29 +213,34 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     new = clone_gm(gm)
     if [n.name for n in new.graph.nodes] != list(old_nodes):
         raise PassError("apply_plan: the GraphModule is not the one the DependencyGraph was built from")
-    reindexed: list[str] = []
+    applier = _Applier(plan, old_nodes, new)
+    owners = dict(new.named_modules(remove_duplicate=False))
+    reindexed: set[str] = set()  # modules (qualified names) that own a re-indexed tensor
     with torch.no_grad():
         for p in dg.params:
-            t = new.get_parameter(p.key) if _is_param(new, p.key) else new.get_buffer(p.key)
+            owner_name, _, attr = p.key.rpartition(".")
+            owner = owners[owner_name]
+            t = owner._parameters.get(attr)
+            if t is None:
+                t = owner._buffers[attr]
             changed = False
             for k, ids in enumerate(p.ids):
-                if ids is None or (d := plan.dest(ids)) is None:
+                if ids is None or (d := applier.dest(ids)) is None:
                     continue
                 dest, size, select = d
                 w = plan.weight[dg.label[ids]]
                 t = _reindex(t.detach(), k, dest, size, select, p.roles[k] == "in", w)
                 changed = True
             if changed:
-                set_tensor(new, p.key, t)
-                reindexed.append(p.key)
-    applier = _Applier(plan, old_nodes, new)
+                _set_on(owner, attr, t)
+                reindexed.update(_prefixes(owner_name))
     for node in new.graph.nodes:
-        rule, mod = rule_for(node, new)
-        if rule is None or rule.update is None:
+        owns = node.op == "call_module" and node.target in reindexed
+        touched = (node, *node.all_input_nodes)
+        if not owns and not any(applier.changed(dg.values.get(old_nodes[n.name])) for n in touched):
             continue
-        touched = [node, *node.all_input_nodes]
-        owns = node.op == "call_module" and any(k.startswith(f"{node.target}.") for k in reindexed)
-        if owns or any(_changed(plan, dg.values.get(old_nodes[n.name])) for n in touched):
+        rule, mod = rule_for(node, new)
+        if rule is not None and rule.update is not None:
             rule.update(node, mod, applier)
     new.graph.lint()
     new.recompile()
@@ -226,20 +248,19 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     return new
 
 
-def _is_param(gm: fx.GraphModule, key: str) -> bool:
-    try:
-        gm.get_parameter(key)
-        return True
-    except AttributeError:
-        return False
+def _prefixes(name: str) -> list[str]:
+    """"a.b.c" -> ["a.b.c", "a.b", "a"]: the module and every module above it (not the root "")."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def _changed(plan: ChannelPlan, value) -> bool:
-    if isinstance(value, list):
-        return any(plan.dest(ids) is not None for ids in value)
-    if isinstance(value, tuple):
-        return any(_changed(plan, v) for v in value)
-    return False
+def _set_on(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `attr` of `owner` (a parameter keeps its requires_grad)."""
+    old = owner._parameters.get(attr)
+    if old is not None:
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value
 
 
 def verify_shapes(gm: fx.GraphModule, example_inputs: tuple, applier: _Applier) -> None:

@@ -150,6 +150,7 @@ class Builder:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
+        self.modules = dict(gm.named_modules(remove_duplicate=False))  # qualified name -> module, every path
         self.n = 0
         self.kind = np.empty(4096, dtype=np.int8)
         self.spaces: list[np.ndarray] = []  # CHANNEL spaces, in creation order
@@ -215,7 +216,7 @@ class Builder:
     def param(self, node: fx.Node, attr: str, kinds: list, roles: list, like: list | None = None) -> list:
         """Ids of the dims of parameter `attr` of the module called by `node` (shared modules share ids)."""
         key = f"{node.target}.{attr}"
-        return self._param(key, _tensor_at(self.gm, key), kinds, roles, like)
+        return self._param(key, _tensor_at(self.gm, key, self.modules), kinds, roles, like)
 
     def _param(self, key: str, tensor, kinds: list, roles: list, like: list | None) -> list:
         roles = list(roles) + [None] * (tensor.dim() - len(roles))
@@ -237,8 +238,14 @@ class Builder:
         return ids
 
 
-def _tensor_at(gm: fx.GraphModule, key: str):
-    """The parameter or buffer at a qualified name (None when it is neither)."""
+def _tensor_at(gm: fx.GraphModule, key: str, modules: dict[str, nn.Module] | None = None):
+    """The parameter or buffer at a qualified name (None when it is neither); `modules` (qualified name ->
+    module) saves walking the module path attribute by attribute."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = modules.get(owner_name) if modules is not None else None
+    if owner is not None:
+        param = owner._parameters.get(attr)
+        return param if param is not None else owner._buffers.get(attr)
     try:
         return gm.get_parameter(key)
     except AttributeError:
@@ -289,7 +296,7 @@ def _walk(gm: fx.GraphModule, b: Builder, unsupported: list[Unsupported]) -> Non
             for a in node.all_input_nodes:
                 b.freeze_value(a, f"reaches the model output through {a.name!r}")
         elif node.op == "get_attr":
-            tensor = _tensor_at(gm, node.target)
+            tensor = _tensor_at(gm, node.target, b.modules)
             ids = None
             if tensor is not None and b.shape(node) is not None:
                 ids = b._param(node.target, tensor, [SLICE] * tensor.dim(), ["param"] * tensor.dim(), None)
@@ -410,10 +417,9 @@ def analyze(
     dims = [(node.name, k, ids) for node, value in b.values.items() for k, ids in dims_of(value)]
     # parameters whose dims live in no graph value (e.g. attention heads inside a leaf module) count too
     dims += [(p.key, k, ids) for p in b.params.values() for k, ids in enumerate(p.ids) if ids is not None]
-    for name, k, ids in dims:
-        for g in np.unique(atom_group[label[ids]]):
-            if g >= 0:
-                members[g].append(Member(name, k, len(ids)))
+    for d, g in _dim_groups(dims, atom_group, label):
+        name, k, ids = dims[d]
+        members[g].append(Member(name, k, len(ids)))
 
     dg = DependencyGraph(gm, b.values, label, atom_group, [], unsupported, list(b.params.values()), example_inputs)
     for g in range(len(per_group)):
@@ -426,6 +432,19 @@ def analyze(
             reason = "a single channel"
         dg.groups.append(Group(g, atoms, frozen, members[g], reason, dg))
     return dg
+
+
+def _dim_groups(dims: list, atom_group: np.ndarray, label: np.ndarray) -> list[tuple[int, int]]:
+    """Every (dim index, group) pair such that some channel of the group runs through dim `dims[i][2]`,
+    sorted by dim then group: one vectorised pass instead of a `np.unique` per dim."""
+    sizes = [len(ids) for _, _, ids in dims]
+    if not sum(sizes):
+        return []
+    group = atom_group[label[np.concatenate([ids for _, _, ids in dims])]]
+    dim = np.repeat(np.arange(len(dims), dtype=np.int64), sizes)
+    keep = group >= 0
+    pairs = np.unique(dim[keep] * (len(atom_group) + 1) + group[keep])
+    return list(zip((pairs // (len(atom_group) + 1)).tolist(), (pairs % (len(atom_group) + 1)).tolist(), strict=True))
 
 
 def dims_of(value) -> Iterable[tuple[int, np.ndarray]]:

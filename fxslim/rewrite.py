@@ -183,7 +183,7 @@ def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: boo
     src = np.flatnonzero(dest >= 0)
     src_t = torch.from_numpy(src)
     if select:
-        return t.index_select(dim, src_t).clone()
+        return t.index_select(dim, src_t)  # a new tensor already: nothing shares its storage
     shape = list(t.shape)
     shape[dim] = size
     to = torch.from_numpy(dest[src])
@@ -210,7 +210,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     """Return a new GraphModule with the plan's channels removed / merged, checked by shape propagation."""
     dg = plan.dg
     old_nodes = {n.name: n for n in dg.gm.graph.nodes}
-    new = clone_gm(gm)
+    new = clone_gm(gm, compile=False)  # compiled once below, after the updates edit node arguments
     if [n.name for n in new.graph.nodes] != list(old_nodes):
         raise PassError("apply_plan: the GraphModule is not the one the DependencyGraph was built from")
     applier = _Applier(plan, old_nodes, new)

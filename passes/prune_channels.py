@@ -529,8 +529,14 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
 def _keep_one_per_dim(dg: DependencyGraph, plan: ChannelPlan, scores: np.ndarray) -> None:
     """A split or slice can leave some tensor with no channel at all: give such a dim back its best one."""
     dims = [ids for v in dg.values.values() for _, ids in dims_of(v) if len(ids)]
-    for ids in dims:
-        atoms = dg.label[ids]
+    if not dims:
+        return
+    # One vectorised test finds the dims left empty; giving a channel back only refills dims, so the
+    # ordered loop below over those alone decides exactly as a loop over every dim would.
+    gone = plan.target[dg.label[np.concatenate(dims)]] < 0
+    empty = np.logical_and.reduceat(gone, np.cumsum([0] + [len(ids) for ids in dims[:-1]]))
+    for i in np.flatnonzero(empty):
+        atoms = dg.label[dims[i]]
         if (plan.target[atoms] < 0).all():
             best = atoms[np.argmax(scores[atoms])]
             plan.target[best] = best

@@ -8,7 +8,17 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.rewrite import ChannelPlan, drop_block, merge_channels, remove_channels, replace_module
+import fxslim.rewrite as rewrite
+from fxslim.graph.clone import clone_gm
+from fxslim.rewrite import (
+    ChannelPlan,
+    _Applier,
+    drop_block,
+    merge_channels,
+    remove_channels,
+    replace_module,
+    verify_shapes,
+)
 
 
 class Net(nn.Module):
@@ -150,3 +160,39 @@ def test_drop_block_with_projection_when_channels_differ():
     proj = nn.Conv2d(4, 8, 1)
     new = drop_block(gm, "a", "relu", projection=proj, example_inputs=(x,))
     torch.testing.assert_close(new(x), model.c(proj(model.a(x))))
+
+
+def test_a_broken_rewrite_is_caught_by_the_shape_check(monkeypatch):
+    _, x, gm, dg = _setup()
+    g = dg.group_of("a")
+    keep = np.array([True, False, True, True, False, True])
+    real = rewrite._reindex
+
+    def producers_only(t, dim, dest, size, select, summed, weights):  # consumer columns left unsliced
+        return t if summed else real(t, dim, dest, size, select, summed, weights)
+
+    monkeypatch.setattr(rewrite, "_reindex", producers_only)
+    with pytest.raises(fxslim.PassError, match="does not run.*'f'"):
+        remove_channels(gm, g, keep)
+
+
+def test_shape_check_compares_every_node_with_the_plan():
+    _, x, gm, dg = _setup()
+    plan = ChannelPlan(dg).remove(dg.group_of("a"), [0, 2, 3, 5])
+    applier = _Applier(plan, {n.name: n for n in gm.graph.nodes}, gm)
+    with pytest.raises(fxslim.PassError, match=r"node 'a' shape \[2, 6, 5, 5\], the plan expects \[2, 4, 5, 5\]"):
+        verify_shapes(gm, (x,), applier)  # the unrewritten graph runs, with the old widths
+
+
+def test_uncompiled_clone_compiles_on_its_own_class():
+    _, x, gm, _ = _setup()
+    before = type(gm).forward
+    new = clone_gm(gm, compile=False)
+    assert type(new) is not type(gm) and "recompile" not in vars(type(new))
+    nodes = {n.name: n for n in new.graph.nodes}
+    nodes["relu"].replace_all_uses_with(nodes["bn"])
+    new.graph.erase_node(nodes["relu"])
+    new.recompile()
+    assert type(gm).forward is before and "relu" in gm.code and "relu" not in new.code
+    y = gm.bn(gm.a(x))
+    torch.testing.assert_close(new(x), gm.head(y + gm.f(y)))

@@ -40,13 +40,34 @@ def shallow_clone(module: nn.Module) -> nn.Module:
     return clone(module)
 
 
-def clone_gm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule with a copied graph (same node names and meta) over a shallow clone of `gm`."""
+def clone_gm(gm: fx.GraphModule, *, compile: bool = True) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (same node names and meta) over a shallow clone of `gm`.
+
+    compile=False skips generating and compiling the forward (about a third of the cost on a 250-node graph)
+    for a caller that edits the graph and calls `recompile()` itself before anything runs or reads the code."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    new = fx.GraphModule(shallow_clone(gm), graph, class_name=type(gm).__name__)
+    root = shallow_clone(gm)
+    if compile:
+        new = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    else:
+        new = _uncompiled_graph_module(root, graph, type(gm).__name__)
     new.meta.update(gm.meta)
+    return new
+
+
+def _uncompiled_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """`fx.GraphModule(root, graph, class_name)` (same attribute copying) whose `recompile()` is left to the
+    caller. GraphModule.__new__ gives every instance its own class, so silencing `recompile` on that class
+    for the length of __init__ touches no other module."""
+    new = fx.GraphModule.__new__(fx.GraphModule)
+    cls = type(new)
+    cls.recompile = lambda self: None
+    try:
+        fx.GraphModule.__init__(new, root, graph, class_name)
+    finally:
+        del cls.recompile
     return new
 
 

@@ -280,6 +280,13 @@ def _rule_for(node: fx.Node, module: nn.Module | None) -> MacRule | None:
     return None
 
 
+def _module_of(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    module = modules.get(str(node.target))
+    return module if module is not None else gm.get_submodule(str(node.target))
+
+
 def _node_params(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None) -> int:
     if module is not None:
         return sum(p.numel() for p in module.parameters())
@@ -297,8 +304,9 @@ def annotate(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
     propagate(gm, example_inputs, reuse=True)
     per_node: dict[str, NodeCost] = {}
     uncounted: list[str] = []
+    modules = dict(gm.named_modules(remove_duplicate=False))  # one table, not a path walk per node
     for node in gm.graph.nodes:
-        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        module = _module_of(gm, node, modules)
         params = _node_params(gm, node, module)
         rule = _rule_for(node, module)
         try:

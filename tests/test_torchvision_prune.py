@@ -52,25 +52,6 @@ def test_torchvision_prune_half_forward_and_onnx_parity(name, tmp_path):
     assert err < 1e-3 * max(1.0, out.abs().max().item())
 
 
-def test_swin_wrapped_functions_have_declared_rules(tmp_path):
-    """Swin's torch.fx.wrap'ed functions are no longer unsupported: window attention freezes the widths its
-    `C // num_heads` ties together (with that reason), the 2x2 patch-merging concat carries channels 4 times,
-    the MLP hidden widths prune, and the result exports with parity."""
-    torch.manual_seed(0)
-    model = torchvision.models.swin_t(weights=None).eval()
-    x = torch.randn(1, 3, 64, 64)
-    dg = fxslim.analyze(model, (x,))
-    assert dg.unsupported == []
-    frozen = [g.reason for g in dg.groups if not g.prunable]
-    assert sum("C // num_heads" in r for r in frozen) == 4  # one residual stream per stage
-    assert len(dg.prunable_groups) == 12  # the MLP hidden width of each of the 12 blocks
-    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
-    out = res.module(x)
-    assert out.shape == (1, 1000)
-    assert res.report[0].params_after < 0.75 * res.report[0].params_before
-    assert fxslim.export_onnx(res.module, (x,), tmp_path / "swin.onnx") < 1e-3 * max(1.0, out.abs().max().item())
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_generated_nets_pruned_export_with_parity(seed, tmp_path):
     spec = random_spec(random.Random(seed), n_blocks=4)

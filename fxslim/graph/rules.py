@@ -12,6 +12,7 @@ elementwise."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.e2cnn_adapter import GroupMaxPool
-from fxslim.modules import ChannelAffine, SlimMultiheadAttention
+from fxslim.modules import ChannelAffine, SlimMultiheadAttention, slim_window_attention
 
 FIXED, CHANNEL, SLICE = 0, 1, 2  # kinds of index: never prunable / a prunable channel / a parameter dim
 
@@ -733,36 +734,125 @@ def group_max_pool(b, node, mod):
     return [x[0], fields[:, 0].copy(), *x[2:]]
 
 
-def window_attention(b, node, mod=None):
-    """torchvision's Swin `shifted_window_attention` (a torch.fx.wrap'ed function): x [B, H, W, C] -> qkv
-    linear -> heads -> proj linear. Its body splits heads with `C // num_heads` of the *input* width C, and
-    the head count is a constant of the graph, so the residual width, the attention width and the heads are
-    one fixed number together: shrinking any of them alone breaks the reshape. Declared behaviour: those
-    widths are frozen with that reason; the qkv/proj biases follow their weights; the output channels are
-    the projection's rows (the residual add then ties them to the frozen stream)."""
-    x = b.ids(node.args[0])
-    qkv_w, proj_w = b.ids(_arg(node, 1, "qkv_weight")), b.ids(_arg(node, 2, "proj_weight"))
-    if x is None or qkv_w is None or proj_w is None or len(x) != 4:
+def _call_args(node: fx.Node) -> dict | None:
+    """The call's arguments by parameter name, defaults filled in (None when they do not bind)."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
         return None
-    reason = f"{node.name}: Swin window attention splits heads with C // num_heads of its input width C"
-    b.unify(x[-1], qkv_w[1])
-    for ids in (x[-1], qkv_w[0], proj_w[1], proj_w[0]):
-        b.freeze(ids, reason)
-    for i, name, like in ((9, "qkv_bias", qkv_w[0]), (10, "proj_bias", proj_w[0])):
-        bias = b.ids(_arg(node, i, name))
-        if bias is not None and len(bias) == 1 and len(bias[0]) == len(like):
-            b.unify(bias[0], like)
-    for i, name in ((3, "relative_position_bias"), (11, "logit_scale")):
-        b.freeze_value(_arg(node, i, name), reason)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _value_shape(b, value) -> tuple | None:
+    return b.shape(value) if isinstance(value, fx.Node) else None
+
+
+def _window_layout(b, node: fx.Node, a: dict) -> tuple[int, int] | str:
+    """(heads, head_dim) of a Swin window-attention call whose tensors have the layout the op computes
+    with, else the reason why not. torchvision's function derives head_dim = C // num_heads from its input
+    width C (so the attention and output widths must equal C); fxslim's takes head_dim explicitly."""
+    heads = a["num_heads"]
+    x, qkv, proj = (_value_shape(b, a[k]) for k in ("input", "qkv_weight", "proj_weight"))
+    if not isinstance(heads, int) or heads < 1 or x is None or qkv is None or proj is None or len(x) != 4:
+        return "num_heads or the input/weight shapes are not static"
+    c = x[-1]
+    if node.target is slim_window_attention:
+        head_dim = a["head_dim"]
+        if not isinstance(head_dim, int):
+            return "head_dim is not a constant"
+    elif c % heads or proj != (c, c):
+        return f"input width {c} is not num_heads·head_dim with a [C, C] projection ({heads} heads, proj {proj})"
+    else:
+        head_dim = c // heads
+    inner = heads * head_dim
+    if qkv != (3 * inner, c) or len(proj) != 2 or proj[1] != inner:
+        return f"qkv {qkv} / proj {proj} do not match {heads} heads of {head_dim} on a width of {c}"
+    for key, want in (("qkv_bias", (3 * inner,)), ("proj_bias", (proj[0],)), ("logit_scale", (heads, 1, 1))):
+        if a[key] is not None and _value_shape(b, a[key]) != want:
+            return f"{key} has shape {_value_shape(b, a[key])}, expected {want}"
+    n = int(np.prod(a["window_size"]))
+    bias = _value_shape(b, a["relative_position_bias"])
+    if bias is None or bias[:-3] not in ((), (1,)) or bias[-3:] not in ((heads, n, n), (1, n, n)):
+        return f"relative_position_bias has shape {bias}, expected [1, {heads}, {n}, {n}]"
+    return heads, head_dim
+
+
+def window_attention(b, node, mod=None):
+    """Swin shifted-window attention (torchvision's `shifted_window_attention`, fxslim's
+    `slim_window_attention`): x [B, H, W, C] -> qkv linear -> heads -> proj linear -> [B, H, W, C_out].
+    A head is one channel: its q, k and v rows of qkv_weight/qkv_bias, its columns of proj_weight, its
+    column of the relative position bias (the table's column, or the cpb-MLP's output unit, upstream) and
+    its logit_scale entry. The input width C is an ordinary dim (qkv columns); the output is a new channel
+    space (proj rows). Any change turns the call into `slim_window_attention` (see update). A call whose
+    shapes do not match that layout is frozen with the reason."""
+    a = _call_args(node)
+    if a is None or a.get("window_size") is None:
+        return None
+    x, qkv_w, proj_w = b.ids(a["input"]), b.ids(a["qkv_weight"]), b.ids(a["proj_weight"])
+    if x is None or qkv_w is None or proj_w is None or len(x) != 4 or len(qkv_w) != 2 or len(proj_w) != 2:
+        return None
+    layout = _window_layout(b, node, a)
+    if isinstance(layout, str):
+        return _freeze_window_attention(b, node, a, x, proj_w, layout)
+    heads, head_dim = layout
+    for d in range(3):
+        b.freeze(x[d], f"{node.name}: batch and window positions of Swin window attention")
+    head = b.fresh_dim(heads, CHANNEL)
+    per_head = np.repeat(head, head_dim)
+    b.unify(qkv_w[0], np.tile(per_head, 3))
+    b.unify(qkv_w[1], x[-1])
+    b.unify(proj_w[1], per_head)
+    b.mark_summed(a["qkv_weight"], 1)
+    b.mark_summed(a["proj_weight"], 1)
+    out = b.fresh_dim(len(proj_w[0]), CHANNEL)
+    b.unify(out, proj_w[0])
+    _tie_window_extras(b, node, a, qkv_w[0], out, head)
+    return list(x[:-1]) + [out]
+
+
+def _tie_window_extras(b, node, a: dict, qkv_rows, out, head) -> None:
+    """Biases follow their weights' rows; the position bias's head dim and logit_scale's entries are heads."""
+    for key, like in (("qkv_bias", qkv_rows), ("proj_bias", out)):
+        if a[key] is not None:
+            b.unify(b.ids(a[key])[0], like)
+    bias = b.ids(a["relative_position_bias"])
+    for ids in bias[-2:]:
+        b.freeze(ids, f"{node.name}: window positions of the relative position bias")
+    if len(bias[-3]) == len(head):
+        b.unify(bias[-3], head)
+    if a["logit_scale"] is not None:
+        b.unify(b.ids(a["logit_scale"])[0], head)
+
+
+def _freeze_window_attention(b, node, a: dict, x, proj_w, reason: str):
+    why = f"{node.name}: Swin window attention: {reason}"
+    for key in ("input", "qkv_weight", "proj_weight", "relative_position_bias", "qkv_bias", "proj_bias", "logit_scale"):
+        if isinstance(a[key], fx.Node):
+            b.freeze_value(a[key], why)
     return list(x[:-1]) + [proj_w[0]]
+
+
+def window_attention_update(node, mod, b):
+    """Heads or widths changed: the call becomes `slim_window_attention` with the new head count (whole heads
+    go, so head_dim stays; torchvision's function would split heads by the new input width instead)."""
+    a = _call_args(node)
+    rows = len(b.ids(a["qkv_weight"])[0])
+    head_dim = a["head_dim"] if node.target is slim_window_attention else rows // 3 // a["num_heads"]
+    heads = b.new_shapes(a["qkv_weight"])[0] // 3 // head_dim
+    node.target = slim_window_attention
+    fixed = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size")
+    node.args = (*(a[k] for k in fixed), heads, head_dim)
+    node.kwargs = {k: v for k, v in a.items() if k not in (*fixed, "num_heads", "head_dim")}
 
 
 def relative_position_bias(b, node, mod=None):
     """Swin `_get_relative_position_bias(table [(2w-1)^2, heads], index, window)` -> [1, heads, N, N]: the
-    heads dim is the table's columns; the window dims are fixed."""
+    heads dim is the table's columns; the window dims are fixed (the table's rows are picked by the index)."""
     table, shape = b.ids(node.args[0]), b.shape(node)
     if table is None or shape is None or len(table) != 2 or len(shape) != 4:
         return None
+    b.freeze(table[0], f"{node.name}: relative position rows picked by an index tensor")
     return [b.fresh_dim(shape[0], FIXED), table[1], b.fresh_dim(shape[2], FIXED), b.fresh_dim(shape[3], FIXED)]
 
 
@@ -934,6 +1024,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     operator.matmul: Rule(matmul),
     torch.bmm: Rule(matmul),
     F.scaled_dot_product_attention: Rule(sdpa),
+    slim_window_attention: Rule(window_attention, window_attention_update),
     F.layer_norm: Rule(layernorm_fn, layernorm_fn_update),
     getattr: Rule(no_tensor),
     operator.floordiv: Rule(no_tensor),
@@ -1023,7 +1114,7 @@ def _register_torchvision() -> None:
     FUNCTION_RULES[stochastic_depth] = Rule(passthrough)
     from torchvision.models import swin_transformer as swin
 
-    FUNCTION_RULES[swin.shifted_window_attention] = Rule(window_attention)
+    FUNCTION_RULES[swin.shifted_window_attention] = Rule(window_attention, window_attention_update)
     FUNCTION_RULES[swin._get_relative_position_bias] = Rule(relative_position_bias)
     FUNCTION_RULES[swin._patch_merging_pad] = Rule(patch_merging_pad)
 

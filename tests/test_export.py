@@ -232,3 +232,37 @@ def test_ort_profile_splits_a_run_into_kernels_and_overhead(tmp_path):
     assert prof["kernel_us"] == pytest.approx(sum(prof["ops_us"].values()))
     assert 0 < prof["kernel_us"] <= prof["run_us"]
     assert prof["overhead_us"] == pytest.approx(prof["run_us"] - prof["kernel_us"])
+
+
+def test_unknown_calibration_lists_valid_values(tmp_path):
+    with pytest.raises(ExportError, match=r"'kl'.*minmax, percentile, entropy"):
+        export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "q.onnx", quantize="int8", calibration="kl")
+
+
+def _input_scale(path) -> float:
+    """The scale of the QuantizeLinear that quantizes the graph input in a QDQ file."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    first = model.graph.input[0].name
+    (node,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == first]
+    return float(inits[node.input[1]])
+
+
+def test_percentile_calibration_ignores_a_rare_outlier_that_minmax_follows(tmp_path):
+    model, x = _small_net(), torch.randn(1, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 8, 8, generator=g) for _ in range(128)]  # 1,024 samples of 192 values each
+    calib[0][0, 0, 0, 0] = 1000.0  # one value in ~200,000: far beyond the 99.999th percentile
+    drift, scale = {}, {}
+    for method in ("minmax", "percentile"):
+        path = tmp_path / f"{method}.onnx"
+        drift[method] = export_onnx(model, x, path, quantize="int8", calib_data=calib, calibration=method)
+        scale[method] = _input_scale(path)
+    # minmax spends the input's 256 uint8 levels on [-4.x, 1000] (a step of ~3.9); percentile clips the
+    # outlier: the range of 200,000 N(0, 1) draws, about [-4.5, 4.5], a step near 0.035.
+    assert 3.8 < scale["minmax"] < 4.1
+    assert 0.02 < scale["percentile"] < 0.05
+    assert drift["percentile"] < drift["minmax"]

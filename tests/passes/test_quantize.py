@@ -118,3 +118,10 @@ def test_trained_zoo_model_loses_at_most_two_points_in_int8():
         ).record
         assert rec["acc_fp32"] == pytest.approx(trained.info["eval"]["accuracy"])
         assert rec["drop"] <= 0.02, (backend, rec)
+
+
+def test_bad_calibration_is_a_recipe_error_naming_the_valid_ones():
+    gm = fxslim.trace(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    ctx = PassContext(example_inputs=(torch.randn(1, 1, 5, 5),))
+    with pytest.raises(RecipeError, match="calibration='histogram'; valid: minmax, percentile, entropy"):
+        quantize.run(gm, ctx, calibration="histogram")

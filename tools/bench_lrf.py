@@ -467,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.grid, args.ref_similarity, args.seeds = "0.8,0.9", 0.9, 1
         args.calib, args.ft_epochs, args.amr_frames, args.latency_budget = 256, 1, 20, 0.5
         args.train_epochs = 15
+        if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
+            args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
     args.grid = [float(s) for s in args.grid.split(",")]
     args.levels = [float(s) for s in args.levels.split(",")]
     if 1.0 not in args.levels:

@@ -18,6 +18,11 @@ MAC conventions (a MAC is one multiply-accumulate; FLOPs are about 2x MACs):
   * linear / matmul / mm / bmm / `@` / addmm / baddbmm: out_numel * K (K = contracted dimension).
   * F.scaled_dot_product_attention: B*L*S*E (Q K^T) + B*L*S*Ev (A V), B = all leading dims of the
     query (heads included); dense even when causal or masked; softmax and scaling not counted.
+  * Swin shifted-window attention (torchvision's `shifted_window_attention`, fxslim's
+    `slim_window_attention`), x [B, H, W, C] padded to whole windows [B, Hp, Wp, C], N tokens per window,
+    attention width A = qkv rows / 3, C_out = projection rows: B*Hp*Wp * (3*A*C + 2*N*A + A*C_out)
+    (qkv projection, Q K^T and A V inside each window, output projection); the cpb-MLP of V2 is its own
+    linears; the mask, softmax and cosine normalisation are not counted.
   * nn.MultiheadAttention (a leaf): Q, K, V input projections + Q K^T + A V + output projection, from the
     module's dims and the actual query/key shapes (batch_first either way, unbatched inputs too).
   * norms (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm and their F.* forms): 1 MAC per output
@@ -42,6 +47,7 @@ from torch import fx, nn
 
 from fxslim.errors import AnalysisError
 from fxslim.graph.shape import out_shape, propagate
+from fxslim.modules import slim_window_attention
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,15 @@ def _multihead_attention(node: fx.Node, module: nn.MultiheadAttention) -> int:
     return batch * (projections + attention)
 
 
+def _window_attention(node: fx.Node, module: nn.Module | None) -> int:
+    b, h, w, c = _shape_of(_arg(node, 0, "input"))
+    attention = _shape_of(_arg(node, 1, "qkv_weight"))[0] // 3
+    c_out = _shape_of(_arg(node, 2, "proj_weight"))[0]
+    wh, ww = _arg(node, 4, "window_size")
+    padded = b * (-(-h // wh) * wh) * (-(-w // ww) * ww)  # tokens after padding to whole windows
+    return padded * (3 * attention * c + 2 * wh * ww * attention + attention * c_out)
+
+
 def _per_output_element(node: fx.Node, module: nn.Module | None) -> int:
     return math.prod(_first_output_shape(node))
 
@@ -218,6 +233,7 @@ MAC_RULES: dict[Any, MacRule] = {
     "bmm": _matmul(0, "input"),
     F.scaled_dot_product_attention: _sdpa,
     nn.MultiheadAttention: _multihead_attention,
+    slim_window_attention: _window_attention,
     nn.BatchNorm1d: _per_output_element,
     nn.BatchNorm2d: _per_output_element,
     nn.BatchNorm3d: _per_output_element,
@@ -258,6 +274,18 @@ MAC_RULES: dict[Any, MacRule] = {
     F.adaptive_avg_pool2d: _adaptive_pool(2),
     F.adaptive_avg_pool3d: _adaptive_pool(3),
 }
+
+
+def _register_torchvision() -> None:
+    """Rows for the ops torchvision wraps with torch.fx.wrap (they appear as calls in a traced graph)."""
+    try:
+        from torchvision.models import swin_transformer as swin
+    except ImportError:  # pragma: no cover - torchvision is a dependency, but the table must not need it
+        return
+    MAC_RULES[swin.shifted_window_attention] = _window_attention
+
+
+_register_torchvision()
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import fxslim
 from fxslim.errors import AnalysisError
 from fxslim.graph.cost import Cost, NodeCost, annotate, count
 from fxslim.graph.shape import out_shape, propagate
@@ -334,3 +335,27 @@ def test_missing_input_raises_analysis_error_naming_the_placeholder():
     gm = fx.symbolic_trace(lambda a, b: a + b)
     with pytest.raises(AnalysisError, match=r"node 'b' \(op=placeholder.*1 inputs given for 2 placeholders"):
         propagate(gm, (torch.randn(2),))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("size", [32, 36])  # 36: the 9x9 token grid pads to whole 4x4 windows
+def test_swin_window_attention_matches_flop_counter_before_and_after_head_pruning(version, size):
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2
+
+    extra = {"block": SwinTransformerBlockV2} if version == "v2" else {}
+    torch.manual_seed(0)
+    model = SwinTransformer([4, 4], 16, [1, 1], [2, 4], [4, 4], num_classes=5, **extra).eval()
+    x = torch.randn(1, 3, size, size)
+    pruned = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}]).module
+    for m in (model, pruned):
+        reads = []  # what we count and FlopCounterMode does not: 1 MAC per norm output, pool reads
+        hooks = [
+            mod.register_forward_hook(lambda mod, args, out, reads=reads: reads.append(args[0].numel()))
+            for mod in m.modules()
+            if isinstance(mod, nn.LayerNorm | nn.AdaptiveAvgPool2d)
+        ]
+        with FlopCounterMode(display=False) as counter:
+            m(x)  # grad enabled: unfused kernels, which FlopCounterMode sees
+        for h in hooks:
+            h.remove()
+        assert count(m, (x,)).macs == counter.get_total_flops() // 2 + sum(reads)

@@ -37,6 +37,8 @@ class PassRecord:
     changed: bool
     details: dict = field(default_factory=dict)
     symmetry_error: float | None = None  # max |f(rot90 x) - f(x)| over the group's rotations, when declared
+    cpu_seconds: float = 0.0  # process CPU time of the pass itself (`seconds` is its wall time)
+    check_cpu_seconds: float = 0.0  # process CPU time of the checks after it: lint, shapes + cost, symmetry
 
 
 SYMMETRY_ATOL = 1e-4  # fp32 invariance tolerance on the logits (../shared/METHODS.md, equivariant section)
@@ -67,14 +69,15 @@ def run_passes(
     previous = _dump(gm, cost, dump_dir, 0, "input", None)
     records = []
     for i, spec in enumerate(specs, start=1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = _run_one(gm, spec, ctx)
-        seconds = time.perf_counter() - t0
+        seconds, c1 = time.perf_counter() - t0, time.process_time()
         new_cost = _annotate_after(result.module, spec, ctx)
         got = output_shapes(result.module)
         if got != want:
             raise PassError(f"pass {spec.name!r} changed the model output shapes {want} -> {got}")
         error = _check_symmetry(result, spec, ctx.example_inputs)
+        check_cpu = time.process_time() - c1
         records.append(
             PassRecord(
                 spec.name,
@@ -87,6 +90,8 @@ def run_passes(
                 result.changed,
                 result.record,
                 error,
+                c1 - c0,
+                check_cpu,
             )
         )
         ctx.debug(

@@ -230,12 +230,18 @@ def profile_table(rows: list[dict]) -> str:
 
 
 def merged(runs: list[dict]) -> dict:
-    """Several runs' figures as one (rows and probes concatenated, wall times summed, the last run's config)."""
+    """Several runs' figures as one (rows and probes concatenated and ordered by model, then epsilon; wall
+    times summed; the last run's config), e.g. one run per model or per group of epsilons."""
     out = dict(runs[-1])
-    out["rows"] = [r for run in runs for r in run["rows"]]
-    out["probes"] = [p for run in runs for p in run["probes"]]
+    models = list(dict.fromkeys(m for run in runs for m in run["config"]["models"]))
+
+    def order(r: dict) -> tuple[int, float]:
+        return models.index(r["model"]), r["epsilon"]
+
+    out["rows"] = sorted((r for run in runs for r in run["rows"]), key=order)  # stable: method order kept
+    out["probes"] = sorted((p for run in runs for p in run["probes"]), key=order)
     out["wall_seconds"] = sum(run["wall_seconds"] for run in runs)
-    out["config"] = {**runs[-1]["config"], "models": [m for run in runs for m in run["config"]["models"]]}
+    out["config"] = {**runs[-1]["config"], "models": models}
     return out
 
 

@@ -50,7 +50,16 @@ class _LinearGeometry(Factorisation):
         return (k,)
 
     def _pair(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(left (out, k), right (k, in)) with W ≈ left @ right."""
+        """(left (out, k), right (k, in)) with W ≈ left @ right: the first k columns / rows of the full pair,
+        decomposed once."""
+        if self._factors is None:
+            self._factors = self._full_pair()
+        left, right = self._factors
+        return left[:, :k], right[:k]
+
+    def _full_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right) with W = left @ right exactly, ordered so that truncating them is the method's rank-k
+        approximation."""
         raise NotImplementedError
 
     def chain(self, k: int) -> nn.Module:
@@ -68,26 +77,20 @@ class _LinearGeometry(Factorisation):
 class SVDLinear(_LinearGeometry):
     method = "svd"
 
-    def _pair(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._factors is None:
-            u, s, vt = linalg.svd(self.matrix)
-            root = np.sqrt(s)
-            self._factors = (u * root, root[:, None] * vt)
-        left, right = self._factors  # W ≈ (U_k √S_k)(√S_k V_kᵀ)  (Eckart–Young: the best rank-k approximation)
-        return left[:, :k], right[:k]
+    def _full_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        u, s, vt = linalg.svd(self.matrix)
+        root = np.sqrt(s)
+        return u * root, root[:, None] * vt  # truncated: (U_k √S_k)(√S_k V_kᵀ), the best rank-k (Eckart–Young)
 
 
 class QRLinear(_LinearGeometry):
     method = "qr"
 
-    def _pair(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._factors is None:
-            q, r, perm = linalg.pivoted_qr(self.matrix)
-            right = np.empty_like(r)
-            right[:, perm] = r  # W = Q R Pᵀ
-            self._factors = (q, right)
-        left, right = self._factors
-        return left[:, :k], right[:k]
+    def _full_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        q, r, perm = linalg.pivoted_qr(self.matrix)
+        right = np.empty_like(r)
+        right[:, perm] = r  # W = Q R Pᵀ
+        return q, right
 
 
 class TTLinearModule(nn.Module):

@@ -257,14 +257,9 @@ def zoo_int8_latency(budget: float, seed: int) -> list[dict]:
             "group": "zoo-latency",
             "input": "3×32×32",
         }
-        for batch in (1, 64):
-            x = torch.rand(batch, 3, 32, 32)
-            path = tmp / f"{name}_b{batch}.onnx"
-            rep = export_report(model, (x,), path, quantize="int8", calib_data=[torch.rand(64, 3, 32, 32)] * 2)
-            t = ort_latency({"fp32": str(rep.fp32_path), "int8": str(path)}, x, budget_s=budget)
-            row[f"fp32_ms_b{batch}"], row[f"int8_ms_b{batch}"] = 1e3 * t["fp32"], 1e3 * t["int8"]
-            row[f"speedup_b{batch}"] = t["fp32"] / t["int8"]
-            row["quantized_ops"] = rep.quantized_ops
+        row.update(
+            _int8_speed(model, lambda b: torch.rand(b, 3, 32, 32), [torch.rand(64, 3, 32, 32)] * 2, tmp / name, budget)
+        )
         tqdm.write(f"{row['name']}: speed-up b1 {row['speedup_b1']:.2f}x, b64 {row['speedup_b64']:.2f}x")
         out.append(row)
     return out
@@ -277,7 +272,7 @@ AMR_CONFIG = {"config": TrainConfig(epochs=20, patience=5), "data_kwargs": {"n_p
 def zoo_int8_trained(budget: float, seed: int, names: tuple[str, ...] = AMR_INT8) -> list[dict]:
     """ORT static INT8 vs fp32 on trained zoo CNNs on the synthetic AMR set (2×128 I/Q frames): the test
     accuracy of both (the quantize pass scores fp32 and INT8 on the test batches, calibrated on 8 training
-    batches), and their latency at batch 1 and 64 from the same pair of files."""
+    batches), and their latency at batch 1 and 64 (files exported at those batch sizes, see `_int8_speed`)."""
     out = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_equivariant_amr_"))
     for name in names:
@@ -301,19 +296,29 @@ def zoo_int8_trained(budget: float, seed: int, names: tuple[str, ...] = AMR_INT8
             "int8_drop_pts": 100 * rec["drop"],
             "quantized_ops": rec["quantized_ops"],
         }
-        calib = [b[0] for b in ds.train[:8]]
-        for batch in (1, 64):
-            x = ds.example(batch)
-            path = tmp / f"{name}_b{batch}.onnx"
-            rep = export_report(trained.model, (x,), path, quantize="int8", calib_data=calib)
-            t = ort_latency({"fp32": str(rep.fp32_path), "int8": str(path)}, x, budget_s=budget)
-            row[f"fp32_ms_b{batch}"], row[f"int8_ms_b{batch}"] = 1e3 * t["fp32"], 1e3 * t["int8"]
-            row[f"speedup_b{batch}"] = t["fp32"] / t["int8"]
+        speed = _int8_speed(trained.model, ds.example, [b[0] for b in ds.train[:8]], tmp / name, budget)
+        row.update({k: v for k, v in speed.items() if k != "quantized_ops"})  # the scored file's counts stay
         tqdm.write(
             f"{row['name']}: acc {row['acc_fp32']:.4f} -> {row['acc_int8']:.4f}, "
             f"speed-up b1 {row['speedup_b1']:.2f}x, b64 {row['speedup_b64']:.2f}x"
         )
         out.append(row)
+    return out
+
+
+def _int8_speed(model: nn.Module, example, calib: list, prefix: Path, budget: float) -> dict:
+    """fp32 and ORT static INT8 files of `model` exported at batch 1 and 64 (inputs `example(batch)`, INT8
+    calibrated on `calib`), their onnxruntime time per run interleaved, the speed-up, and the ops that ran
+    quantized."""
+    out: dict = {}
+    for batch in (1, 64):
+        x = example(batch)
+        path = prefix.with_name(f"{prefix.name}_b{batch}.onnx")
+        rep = export_report(model, (x,), path, quantize="int8", calib_data=calib)
+        t = ort_latency({"fp32": str(rep.fp32_path), "int8": str(path)}, x, budget_s=budget)
+        out[f"fp32_ms_b{batch}"], out[f"int8_ms_b{batch}"] = 1e3 * t["fp32"], 1e3 * t["int8"]
+        out[f"speedup_b{batch}"] = t["fp32"] / t["int8"]
+        out["quantized_ops"] = rep.quantized_ops
     return out
 
 

@@ -277,8 +277,9 @@ def symmetrize_(gm: fx.GraphModule) -> None:
     """Project the layout convs (and the BatchNorms right after them) of a C4 model onto the equivariant
     subspace, in place: the Reynolds average W <- 1/4 sum_r P_out^r rot90(W, r) P_in^-r over the group
     (Weiler & Cesa 2019, Sec. 2: equivariant kernels are the fixed points of the group action), where P
-    shifts the 4 channels of each regular field by one; BN statistics and affine terms become the mean
-    over each field's channels (InnerBatchNorm shares them). An e2cnn export is a fixed point (to fp32
+    shifts the 4 channels of each regular field by one; BN affine terms become the mean over each field's
+    channels and the running statistics those of the field's pooled activations (InnerBatchNorm shares
+    them). An e2cnn export is a fixed point (to fp32
     rounding); after a gradient step on the plain twin it restores exact invariance. Only for models for
     which `can_symmetrize` is True; the caller owns `gm` (finetune's copy)."""
     modules = dict(gm.named_modules())
@@ -306,6 +307,13 @@ def symmetrize_(gm: fx.GraphModule) -> None:
             continue
         bn = modules[node.target]
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            size = sizes[src.target]
+            if bn.running_mean is not None and bn.running_var is not None:
+                # The variance of the field's pooled activations: the mean of its channels' variances plus
+                # the spread of their means (equal sample counts per channel).
+                spread = (bn.running_mean - _field_mean(bn.running_mean, size)).pow(2)
+                bn.running_var.copy_(_field_mean(bn.running_var + spread, size))
+                bn.running_mean.copy_(_field_mean(bn.running_mean, size))
+            for t in (bn.weight, bn.bias):
                 if t is not None:
-                    t.copy_(_field_mean(t, sizes[src.target]))
+                    t.copy_(_field_mean(t, size))

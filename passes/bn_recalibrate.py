@@ -1,7 +1,9 @@
 """Pass `bn_recalibrate`: re-estimate the running mean and variance of every BatchNorm of a copy of the model
 on calibration batches (after pruning or fusion the old statistics describe channels that no longer exist).
 Only the BN buffers change: it never computes gradients, never touches a weight, never lets dropout or any
-other train-mode behaviour run, and never mutates the GraphModule it is given."""
+other train-mode behaviour run, and never mutates the GraphModule it is given. A C4 e2cnn model (fields of
+4 channels that share one InnerBatchNorm statistic) gets each field's pooled statistics, so its rotation
+invariance survives the recalibration."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import itertools
 import torch
 from torch import fx, nn
 
+from fxslim import e2cnn_adapter
 from fxslim.errors import PassError, RecipeError
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.training import split_batch
@@ -72,6 +75,8 @@ def run(
     unused = sorted(name for name, bn in bns.items() if int(bn.num_batches_tracked) == 0)
     for name in unused:
         _restore_stats(bns[name], saved[name][1])
+    if e2cnn_adapter.can_symmetrize(gm):
+        e2cnn_adapter.symmetrize_(gm)  # per-channel statistics -> each field's pooled ones
     gm.to(home)
     ctx.debug("bn_recalibrate: %d BN layers on %d batches (unreached: %s)", len(bns), used, unused)
     record = {"bn_layers": len(bns) - len(unused), "batches": used, "momentum": momentum, "unused": unused}

@@ -236,3 +236,29 @@ def test_finetune_after_field_pruning_keeps_invariance():
     res = fxslim.compress(_c4net(), (_x(),), recipe, data=data)
     ft = res.report[1]
     assert ft.changed and ft.details["symmetrized"] is True and ft.symmetry_error < 1e-4
+
+
+def test_bn_recalibrate_gives_each_field_its_pooled_statistics_and_keeps_invariance():
+    g = torch.Generator().manual_seed(7)
+    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    recipe = [{"pass": "equivariant_prune", "scope": "fields", "ratio": 0.5}, {"pass": "bn_recalibrate"}]
+    res = fxslim.compress(_c4net(), (_x(),), recipe, data=data)
+    assert res.report[1].changed and res.report[1].symmetry_error < 1e-4
+    gm = res.module
+    layer = gm.meta["field_layout"][0].layer
+    bn = gm.get_submodule(next(n.next for n in gm.graph.nodes if n.op == "call_module" and n.target == layer).target)
+    outs = []
+    hook = gm.get_submodule(layer).register_forward_hook(lambda m, a, out: outs.append(out))
+    with torch.no_grad():
+        for x, _ in data:
+            gm(x)
+    hook.remove()
+    # BN's cumulative average over the batches of each channel's mean and unbiased variance, then pooled per
+    # field of 4 like InnerBatchNorm: mean of the means; mean of the variances plus the spread of the means.
+    ch = [y.transpose(0, 1).reshape(y.shape[1], -1) for y in outs]
+    mean_c = torch.stack([c.mean(1) for c in ch]).mean(0).reshape(-1, 4)
+    var_c = torch.stack([c.var(1) for c in ch]).mean(0).reshape(-1, 4)
+    field_mean = mean_c.mean(1, keepdim=True)
+    want_var = (var_c + (mean_c - field_mean) ** 2).mean(1)
+    torch.testing.assert_close(bn.running_mean, field_mean.squeeze(1).repeat_interleave(4), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, want_var.repeat_interleave(4), atol=1e-4, rtol=1e-4)

@@ -33,10 +33,12 @@ def atom_scores(dg: DependencyGraph, criterion: str, seed: int = 0) -> np.ndarra
             continue
         t = t.detach().float()
         mag = t.pow(2) if criterion == "l2" else t.abs()  # once per tensor, summed per coupled dim below
-        for k, ids in enumerate(p.ids):
-            if ids is None:
-                continue
-            other = [d for d in range(t.dim()) if d != k]
+        coupled = [k for k, ids in enumerate(p.ids) if ids is not None]
+        if coupled and mag.dim() > max(coupled) + 1:  # the uncoupled trailing dims (a kernel), summed once
+            mag = mag.sum(list(range(max(coupled) + 1, mag.dim())))
+        for k in coupled:
+            ids = p.ids[k]
+            other = [d for d in range(mag.dim()) if d != k]
             atoms = dg.label[ids]
             total += np.bincount(atoms, weights=_np(mag.sum(other) if other else mag), minlength=n)
             if criterion == "bn_scale" and p.roles[k] == "norm" and p.key.endswith(".weight") and t.dim() == 1:

@@ -15,6 +15,9 @@ import torch
 from torch import fx, nn
 
 
+_HOOK_SUFFIXES = ("hooks", "hooks_with_kwargs", "always_called")
+
+
 def shallow_clone(module: nn.Module) -> nn.Module:
     """A copy of the module tree whose modules are new objects and whose tensors are shared."""
     memo: dict[int, nn.Module] = {}
@@ -33,7 +36,7 @@ def shallow_clone(module: nn.Module) -> nn.Module:
         state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
         state["_modules"] = {k: None if v is None else clone(v) for k, v in m._modules.items()}
         for name, value in vars(m).items():  # hooks and other registries: the copy gets its own containers
-            if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("always_called"):
+            if name.endswith(_HOOK_SUFFIXES):
                 state[name] = type(value)(value) if isinstance(value, dict | set | list) else copy.copy(value)
         return new
 

@@ -18,7 +18,8 @@ from fxslim import e2cnn_adapter, pm
 from fxslim.errors import AnalysisError, PassError, TraceError
 from fxslim.graph.deps import analyze
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.recipe import PassSpec, registry
+from fxslim.passes import finetune
+from fxslim.recipe import PassSpec, load_recipe, registry
 from fxslim.rewrite import ChannelPlan, apply_plan
 from fxslim.zoo.randnet import randomize_bn
 
@@ -262,3 +263,23 @@ def test_bn_recalibrate_gives_each_field_its_pooled_statistics_and_keeps_invaria
     want_var = (var_c + (mean_c - field_mean) ** 2).mean(1)
     torch.testing.assert_close(bn.running_mean, field_mean.squeeze(1).repeat_interleave(4), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bn.running_var, want_var.repeat_interleave(4), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "preset"),
+    [
+        ("equivariant_fields", finetune.COSINE_ADAPTIVE),
+        ("equivariant_linear", {**finetune.PAPER_ADAPTIVE, "kd_temperature": 4.0}),
+    ],
+)
+def test_builtin_equivariant_recipes_give_the_presets_and_keep_invariance(recipe, preset):
+    specs = load_recipe(recipe)
+    assert [s.name for s in specs][:2] == ["equivariant_prune", "finetune"]
+    assert specs[1].options == preset
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    short = [{"pass": s.name, **s.options} for s in specs]
+    short[1].update(epochs=2, adaptive=False)  # random labels: train without the gate, two epochs
+    res = fxslim.compress(_c4net(), (_x(),), short, data=data)
+    assert all(r.symmetry_error < 1e-4 for r in res.report)
+    assert res.report[1].changed and res.report[1].details["epochs"] == 2

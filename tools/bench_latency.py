@@ -4,7 +4,8 @@
     python tools/bench_latency.py --json out/latency.jsonl --write-md --plot --profile
 
 For ResNet-18/50, MobileNetV3-Large, EfficientNet-B0, ConvNeXt-Tiny and ViT-B/16 (torchvision, random
-init, eval, batch 1, small inputs: 64x64, ViT at 32x32 with image_size=32) it prunes at ratio 0.5 with
+init, eval, batch 1; inputs --size, 64x64 by default, ViT-B/16 at --vit-size with image_size the same, 32x32
+by default; `--size 224 --vit-size 224` times them at ImageNet size) it prunes at ratio 0.5 with
 `prune_channels` four ways (objective "macs", "macs" + round_to=8, "latency", "latency" + round_to=8; the
 classifier ignored, as for the peer) and with the Torch-Pruning package (MagnitudePruner, L1, ratio 0.5,
 classifier ignored) where it is installed and works. Every variant and the original are exported to ONNX
@@ -44,8 +45,7 @@ from fxslim.export import ort_latency  # noqa: E402
 RATIO = 0.5
 MODELS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 QUICK = ["resnet18", "mobilenet_v3_large", "efficientnet_b0"]
-SIZE = {"vit_b_16": 32}  # the others: --size (64); ViT needs image_size = input, divisible by 16
-KWARGS = {"vit_b_16": {"image_size": 32}}
+VIT = "vit_b_16"  # input --vit-size (32), also its image_size: a multiple of 16; the others: --size (64)
 VARIANTS = {
     "macs": {"objective": "macs"},
     "macs+r8": {"objective": "macs", "round_to": 8},
@@ -55,16 +55,17 @@ VARIANTS = {
 PEER = "torch-pruning"
 
 
-def build(name: str, size: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+def build(name: str, size: int, vit_size: int = 32) -> tuple[nn.Module, torch.Tensor, list[str]]:
     """The model (random init; all-zero classifier weights re-drawn so outputs are not constant), its input,
     and its classifier modules (the layers whose output width is the number of classes)."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **KWARGS.get(name, {})).eval()
+    kwargs = {"image_size": vit_size} if name == VIT else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear | nn.Conv2d) and not bool(m.weight.any()):
                 nn.init.normal_(m.weight, std=0.02, generator=torch.Generator().manual_seed(0))
-    s = SIZE.get(name, size)
+    s = vit_size if name == VIT else size
     x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         classes = model(x).shape[-1]
@@ -121,8 +122,10 @@ def prune_peer(model: nn.Module, x: torch.Tensor, heads: list[str]) -> dict:
     return {"module": model, "cpu_s": cpu, "macs_after": fxslim.count(model, (x,)).macs}
 
 
-def bench_model(name: str, size: int, budget_s: float, profile: bool, peer: bool, repeats: int = 1) -> dict:
-    model, x, heads = build(name, size)
+def bench_model(
+    name: str, size: int, budget_s: float, profile: bool, peer: bool, repeats: int = 1, vit_size: int = 32
+) -> dict:
+    model, x, heads = build(name, size, vit_size)
     macs_before = fxslim.count(model, (x,)).macs
     rec: dict = {"model": name, "input": list(x.shape), "macs": macs_before, "variants": {}}
     modules: dict[str, nn.Module] = {"original": model}
@@ -364,6 +367,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, shorter timing")
     p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--size", type=int, default=64, help="input size of the CNNs (default 64)")
+    p.add_argument("--vit-size", type=int, default=32, help="ViT-B/16 input and image_size, a multiple of 16 (32)")
     p.add_argument("--budget", type=float, default=None, help="ORT timing seconds per call (6; --quick 4)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing calls per model (3; --quick 1)")
     p.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     records, t0 = [], time.perf_counter()
     for name in (bar := tqdm(names, unit="model", dynamic_ncols=True)):
         bar.set_postfix_str(name)
-        rec = bench_model(name, args.size, budget, args.profile, peer, repeats)
+        rec = bench_model(name, args.size, budget, args.profile, peer, repeats, args.vit_size)
         records.append(rec)
         tqdm.write(
             f"{name}: "

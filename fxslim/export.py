@@ -18,6 +18,7 @@ shape inference and ORT's QDQ fusion simple.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -65,6 +66,7 @@ class ExportReport:
     seconds: float
     quantize: str | None = None
     quantized_ops: dict[str, int] = field(default_factory=dict)
+    fp32_nodes: list[str] = field(default_factory=list)  # nodes kept fp32 in the INT8 file (fp32_modules)
     failed_attempts: list[str] = field(default_factory=list)
 
 
@@ -233,6 +235,7 @@ def export_onnx(
     quantize: str | None = None,
     calib_data: Iterable[Any] | None = None,
     calibration: str = "percentile",
+    fp32_modules: Iterable[str] = (),
     atol: float = 1e-4,
     rtol: float = 1e-3,
     opset: int | None = None,
@@ -243,6 +246,8 @@ def export_onnx(
     model (per-channel QInt8 weights, QUInt8 activations) calibrated on ``calib_data`` (tensors or (x, y)
     batches; the example inputs when None) to ``path``, its activation ranges chosen by ``calibration``
     (one of ``CALIBRATIONS``), and returns the int8 drift instead (not checked against the tolerance).
+    ``fp32_modules`` names modules (qualified names, e.g. ``"features.0"``) whose ONNX nodes stay fp32 in the
+    INT8 file (onnxruntime's ``nodes_to_exclude``): a first conv on raw pixels is the usual one.
     Raises ExportError when export fails or fp32 parity exceeds
     ``atol + rtol * max|ref|`` for some output. See ``export_report`` for the exporter used and timings.
 
@@ -256,6 +261,7 @@ def export_onnx(
         quantize=quantize,
         calib_data=calib_data,
         calibration=calibration,
+        fp32_modules=fp32_modules,
         atol=atol,
         rtol=rtol,
         opset=opset,
@@ -270,6 +276,7 @@ def export_report(
     quantize: str | None = None,
     calib_data: Iterable[Any] | None = None,
     calibration: str = "percentile",
+    fp32_modules: Iterable[str] = (),
     atol: float = 1e-4,
     rtol: float = 1e-3,
     opset: int | None = None,
@@ -279,6 +286,9 @@ def export_report(
         raise ExportError(f"unknown quantize={quantize!r}; valid values: {', '.join(map(repr, QUANTIZE_MODES))}")
     if calibration not in CALIBRATIONS:
         raise ExportError(f"unknown calibration={calibration!r}; valid values: {', '.join(CALIBRATIONS)}")
+    fp32_modules = [fp32_modules] if isinstance(fp32_modules, str) else list(fp32_modules)
+    if fp32_modules and quantize != "int8":
+        raise ExportError(f"fp32_modules={fp32_modules!r} only applies with quantize='int8'")
     start = time.perf_counter()
     inputs = _check_inputs(example_inputs)
     path = Path(path)
@@ -300,12 +310,14 @@ def export_report(
         exporter, error, failures = _export_checked(module, inputs, fp32_path, opset, checks, atol, rtol)
     report = ExportReport(path, exporter, error, fp32_path, error, 0.0, quantize, failed_attempts=failures)
     if quantize == "int8":
-        _quantize_int8(fp32_path, path, inputs, calib_data, name, calibration)
+        report.fp32_nodes = _quantize_int8(fp32_path, path, inputs, calib_data, name, calibration, fp32_modules)
         with tempfile.TemporaryDirectory() as tmp:
             opt = Path(tmp) / "optimized.onnx"
             session = ort_session(path, optimized_model_path=opt)
             report.max_abs_error = max(_errors(ref, ort_run(session, inputs), name), default=0.0)
-            ops = _count_ops(onnx.load(str(opt), load_external_data=False))
+            optimized = onnx.load(str(opt), load_external_data=False)
+            ops = _count_ops(optimized)
+        _check_still_float(optimized, report.fp32_nodes, name)
         report.quantized_ops = {op: n for op, n in ops.items() if _QUANT_OPS.match(op)}
     report.seconds = time.perf_counter() - start
     log.debug("exported %s with %s in %.2f s, error %.3g", name, exporter, report.seconds, report.max_abs_error)
@@ -405,9 +417,11 @@ def _quantize_int8(
     calib_data: Iterable[Any] | None,
     name: str,
     calibration: str = "percentile",
-) -> None:
+    fp32_modules: list[str] | None = None,
+) -> list[str]:
     """Static QDQ INT8: per-channel QInt8 weights, QUInt8 activations (FACTS.md: signed activations left
-    11 of 20 resnet18 convs unfused on AVX2 CPUs without VNNI; unsigned ran 0.54x fp32 time)."""
+    11 of 20 resnet18 convs unfused on AVX2 CPUs without VNNI; unsigned ran 0.54x fp32 time). The nodes of
+    `fp32_modules` are left fp32; returns their names."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -436,6 +450,7 @@ def _quantize_int8(
                 # ORT's symbolic shape inference asserts on Reshapes whose shape is computed in the graph
                 # (e.g. GroupMaxPool's unflatten(1, (-1, 4)) of e2cnn models); ONNX's own inference suffices.
                 quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            excluded = _nodes_of_modules(onnx.load(str(pre), load_external_data=False), fp32_modules or [], name)
             quantize_static(
                 str(pre),
                 str(path),
@@ -449,11 +464,60 @@ def _quantize_int8(
                     "percentile": CalibrationMethod.Percentile,
                     "entropy": CalibrationMethod.Entropy,
                 }[calibration],
+                nodes_to_exclude=excluded,
             )
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(f"INT8 quantization of {name} failed: {_summary(exc)}") from exc
+    return excluded
+
+
+def _check_still_float(optimized: onnx.ModelProto, fp32_nodes: list[str], name: str) -> None:
+    """ExportError when onnxruntime's graph optimizer fused a node kept fp32 into a quantized op anyway: it
+    does so (quantizing the float weights itself) when the node's input already passes through a
+    DequantizeLinear because another consumer of that tensor is quantized."""
+    fused = sorted(
+        {
+            keep
+            for n in optimized.graph.node
+            if _QUANT_OPS.match(n.op_type)
+            for keep in fp32_nodes
+            if n.name == keep or n.name.startswith(f"{keep}_token")
+        }
+    )
+    if fused:
+        raise ExportError(
+            f"fp32_modules: onnxruntime runs {fused} of {name} quantized anyway (their inputs are quantized "
+            "for another consumer); fp32_modules keeps float only modules whose inputs are float, e.g. the "
+            "first layer on the model input"
+        )
+
+
+def _nodes_of_modules(model: onnx.ModelProto, modules: list[str], name: str) -> list[str]:
+    """Names of the ONNX nodes exported from each module in `modules`: the TorchScript exporter names them
+    `/<qualified name>/<Op>`, the dynamo one lists the module scopes in the node's
+    `pkg.torch.onnx.name_scopes` metadata. ExportError naming a module that no node comes from."""
+    scopes = {
+        n.name: ast.literal_eval(p.value)
+        for n in model.graph.node
+        for p in n.metadata_props
+        if p.key == "pkg.torch.onnx.name_scopes"
+    }
+    out: list[str] = []
+    for module in modules:
+        hits = [
+            n.name
+            for n in model.graph.node
+            if n.name.startswith(f"/{module}/") or any(s == module for s in scopes.get(n.name, ()))
+        ]
+        if not hits:
+            raise ExportError(
+                f"fp32_modules: no ONNX node of {name} comes from module {module!r} (node names start "
+                f"like {[n.name for n in model.graph.node[:3]]})"
+            )
+        out += [h for h in hits if h not in out]
+    return out
 
 
 def _calibration_batches(data: Any, inputs: tuple[torch.Tensor, ...], single: bool) -> Iterator[tuple[np.ndarray, ...]]:

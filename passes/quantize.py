@@ -40,6 +40,7 @@ def run(
     backend: str = "ort_static",
     calibration_batches: int = 8,
     calibration: str = "percentile",
+    fp32_modules: list[str] | tuple[str, ...] = (),
     eval_batches: int = 8,
     max_drop: float | None = None,
 ) -> PassResult:
@@ -49,11 +50,14 @@ def run(
         percentile; it lost 0.77 / 0.50 points on the trained cnn1d / resnet56_1d where "minmax" lost
         1.07 / 0.93, tools/bench_equivariant.py), "minmax" (the observed range) or "entropy" (smallest KL
         divergence of the quantized histogram); see `fxslim.export.CALIBRATIONS`.
+    fp32_modules: qualified names of modules kept in fp32 inside the INT8 file (ort_static), e.g. the
+        first conv on raw pixels: on the rotated-digits C4 net, keeping `features.0` fp32 turns a 7.5-point
+        INT8 loss into none (tools/bench_equivariant.py).
     eval_batches: last labelled batches of ctx.data scored in fp32 and INT8 (0: no accuracy check).
     max_drop: PassError when the INT8 accuracy is lower than fp32 by more than this fraction; None: report.
 
     record: {"backend", "int8": True, "acc_fp32", "acc_int8", "drop" (None without labelled data), and
-    for ort_static "quantized_ops", "fp32_parity", "int8_drift", "onnx_bytes", "fp32_onnx_bytes"; for
+    for ort_static "quantized_ops", "fp32_nodes", "fp32_parity", "int8_drift", "onnx_bytes", "fp32_onnx_bytes"; for
     torch_dynamic "quantized_linear", "int8_drift"}."""
     if backend not in BACKENDS:
         raise RecipeError(f"pass {NAME!r}: backend={backend!r}; valid: {', '.join(BACKENDS)}")
@@ -66,10 +70,17 @@ def run(
         raise RecipeError(f"pass {NAME!r}: max_drop={max_drop!r} must be None or in [0, 1]")
     if calibration not in CALIBRATIONS:
         raise RecipeError(f"pass {NAME!r}: calibration={calibration!r}; valid: {', '.join(CALIBRATIONS)}")
+    fp32_modules = [fp32_modules] if isinstance(fp32_modules, str) else list(fp32_modules)
+    modules = dict(gm.named_modules())
+    for name in fp32_modules:
+        if not name or name not in modules:
+            raise RecipeError(f"pass {NAME!r}: fp32_modules names {name!r}, not a module of {type(gm).__name__}")
+    if fp32_modules and backend != "ort_static":
+        raise RecipeError(f"pass {NAME!r}: fp32_modules applies to backend='ort_static' only, not {backend!r}")
     if backend == "torch_dynamic":
         module, record = _torch_dynamic(gm, ctx)
     else:
-        module, record = _ort_static(gm, ctx, calibration_batches, calibration)
+        module, record = _ort_static(gm, ctx, calibration_batches, calibration, fp32_modules)
     record.update(_accuracy(gm, module, ctx, eval_batches))
     if max_drop is not None and record["drop"] is not None and record["drop"] > max_drop:
         raise PassError(
@@ -103,13 +114,19 @@ def _torch_dynamic(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
 
 
 def _ort_static(
-    gm: fx.GraphModule, ctx: PassContext, calibration_batches: int, calibration: str
+    gm: fx.GraphModule, ctx: PassContext, calibration_batches: int, calibration: str, fp32_modules: list[str]
 ) -> tuple[fx.GraphModule, dict]:
     calib = None if ctx.data is None else list(itertools.islice(ctx.data, calibration_batches))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
         report = export_report(
-            gm, ctx.example_inputs, path, quantize="int8", calib_data=calib or None, calibration=calibration
+            gm,
+            ctx.example_inputs,
+            path,
+            quantize="int8",
+            calib_data=calib or None,
+            calibration=calibration,
+            fp32_modules=fp32_modules,
         )
         onnx_bytes, fp32_bytes = path.read_bytes(), report.fp32_path.stat().st_size
     root = nn.Module()
@@ -124,6 +141,7 @@ def _ort_static(
         "calibration": calibration,
         "int8": True,
         "quantized_ops": report.quantized_ops,
+        "fp32_nodes": report.fp32_nodes,
         "fp32_parity": report.fp32_error,
         "int8_drift": report.max_abs_error,
         "onnx_bytes": len(onnx_bytes),

@@ -142,6 +142,28 @@ def test_int8_is_calibrated_reports_drift_and_really_runs_quantized_ops(tmp_path
     assert "QLinearConv" not in export.op_counts(tmp_path / "net.int8.onnx", optimized=False)
 
 
+def test_fp32_modules_keep_a_first_layer_float_in_the_int8_file(tmp_path):
+    model, x = _small_net(), torch.randn(1, 3, 16, 16)
+    report = export_report(model, x, tmp_path / "q.onnx", quantize="int8", fp32_modules=["conv1"])
+    assert report.fp32_nodes == ["/conv1/Conv"]  # BatchNorm folded into it
+    assert report.quantized_ops.get("QLinearConv", 0) == 1  # conv2 only
+    assert export.op_counts(tmp_path / "q.onnx").get("Conv", 0) == 1  # conv1 runs as a float Conv
+    with pytest.raises(ExportError, match=r"no ONNX node of SmallNet comes from module 'conv9'"):
+        export_report(model, x, tmp_path / "r.onnx", quantize="int8", fp32_modules=["conv9"])
+    with pytest.raises(ExportError, match="only applies with quantize='int8'"):
+        export_report(model, x, tmp_path / "s.onnx", fp32_modules=["conv1"])
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_fp32_module_whose_input_is_quantized_is_an_error_not_a_silent_int8_op(tmp_path, monkeypatch, exporter):
+    monkeypatch.setattr(export, "EXPORTER_ORDER", (exporter,))
+    # conv2's input also feeds the quantized Add: onnxruntime would fuse conv2 into a QLinearConv anyway.
+    with pytest.raises(ExportError, match=r"runs \[.*\] of SmallNet quantized anyway"):
+        export_report(
+            _small_net(), torch.randn(1, 3, 16, 16), tmp_path / "q.onnx", quantize="int8", fp32_modules=["conv2"]
+        )
+
+
 def test_int8_without_calib_data_uses_example_inputs(tmp_path):
     drift = export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "q.onnx", quantize="int8")
     assert np.isfinite(drift) and drift > 0

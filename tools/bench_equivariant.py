@@ -13,7 +13,7 @@ all in the same process:
 - `plain CNN`: the same layers and MACs as the C4 net's plain twin, trained from random init as an ordinary
   CNN, then prune_channels(0.5) + the same two adaptive fine-tunes (no equivariance to keep);
 - `INT8`: the fields-50% + cosine fine-tune model through quantize(backend="ort_static") (the deployment
-  path) and quantize(backend="torch_dynamic") (the paper's).
+  path; once more with the first R2Conv kept fp32) and quantize(backend="torch_dynamic") (the paper's).
 
 Per row: test accuracy, drop vs baseline (points), invariance error (max |f(rot90^k x) − f(x)| over a test
 batch), params, MACs, fine-tune epochs, ONNX bytes, and onnxruntime latency (process CPU time, one thread,
@@ -97,7 +97,8 @@ NOTES = """## How to read this
   cut whole fields by accident). The pass manager refuses such a result; it is built outside it here.
 - *plain CNN*: the C4 net's plain twin architecture (same layers, same MACs) trained from random init as
   an ordinary CNN, then prune_channels(0.5) + the same adaptive fine-tunes.
-- INT8 rows: params/MACs are those of the fp32 model they quantize. ORT static INT8 quantizes the
+- INT8 rows: params/MACs are those of the fp32 model they quantize. ", features.0 fp32": the same ORT
+  static file with the first R2Conv (raw pixels in, `quantize(fp32_modules=[...])`) left in fp32. ORT static INT8 quantizes the
   activations (QUInt8) of rotated inputs differently, so its invariance error is reported, not enforced;
   torch dynamic INT8 touches only the Linear head after the invariant pooling.
 - Latency: onnxruntime, one intra-op thread, process CPU time, files interleaved (fxslim.export.ort_latency),
@@ -153,7 +154,8 @@ def run(cfg: dict, seed: int) -> list[dict]:
     val_fraction = (len(ds.val) - 0.5) / len(ft_data)
     base_gm = fxslim.trace(model)
     rows: list[dict] = []
-    timed: dict[str, tuple[nn.Module, str]] = {}  # ORT latency: name -> (module, "fp32" | "int8")
+    # ORT latency: name -> (module, None for fp32 | the fp32_modules of an INT8 file)
+    timed: dict[str, tuple[nn.Module, list[str] | None]] = {}
 
     def record(
         name: str,
@@ -184,7 +186,7 @@ def run(cfg: dict, seed: int) -> list[dict]:
         return row
 
     record("C4 baseline", base_gm, "baseline")
-    timed["C4 baseline / none"] = (base_gm, "fp32")
+    timed["C4 baseline / none"] = (base_gm, None)
     steps = [("linear", p) for p in cfg["linear"]] + [("fields", p) for p in cfg["fields"]]
     final = None
     for scope, ratio in tqdm(steps, desc="pruning configs"):
@@ -209,21 +211,23 @@ def run(cfg: dict, seed: int) -> list[dict]:
             )
             if (scope, ratio, ft) == ("fields", 0.5, FINAL_FT):
                 final = res.module
-                timed[f"{name} / {ft}"] = (final, "fp32")
+                timed[f"{name} / {ft}"] = (final, None)
     rows.append(unaligned(base_gm, ds, probe, x1, rows[0]["accuracy"]))
     rows += plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, rows[0]["accuracy"])
     if final is not None:
-        for backend in ("ort_static", "torch_dynamic"):
+        first = final.meta["field_layout"][0].layer  # the first R2Conv, on the raw pixels
+        for backend, keep in (("ort_static", []), ("ort_static", [first]), ("torch_dynamic", [])):
+            opts = {"backend": backend, "eval_batches": 0, **({"fp32_modules": keep} if keep else {})}
             res = fxslim.compress(
                 final,
                 (x1,),
-                [{"pass": "quantize", "backend": backend, "eval_batches": 0}],
+                [{"pass": "quantize", **opts}],
                 data=ds.train[: 1024 // cfg["batch_size"]],  # 1,024 calibration digits
                 seed=seed,
             )
             rec = res.report[0].details
             ops = rec.get("quantized_ops") or {"dynamic Linear": rec.get("quantized_linear")}
-            name = f"fields 50% + INT8 {backend}"
+            name = f"fields 50% + INT8 {backend}" + (f", {', '.join(keep)} fp32" if keep else "")
             record(
                 name,
                 res.module,
@@ -234,7 +238,7 @@ def run(cfg: dict, seed: int) -> list[dict]:
                 cost_of=final,
             )
             if backend == "ort_static":
-                timed[f"{name} / {FINAL_FT}"] = (final, "int8")
+                timed[f"{name} / {FINAL_FT}"] = (final, keep)
     latency(rows, timed, ds, cfg["latency_budget"])
     rows += zoo_int8_latency(cfg["latency_budget"], seed)
     rows += zoo_int8_trained(cfg["latency_budget"], seed, AMR_INT8 if cfg["amr_int8"] else ())
@@ -422,7 +426,7 @@ def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc
     return out
 
 
-def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, str]], ds, budget: float) -> None:
+def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, list[str] | None]], ds, budget: float) -> None:
     """ONNX size and ORT process CPU time per run at batch 1 and 64 (files exported at that batch size,
     INT8 calibrated on the first 1,024 training digits), interleaved, with the speed-up over the fp32 baseline."""
     by_name = {r["key"]: r for r in rows if "key" in r}
@@ -431,15 +435,12 @@ def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, str]], ds, budge
     for batch in (1, 64):
         x = torch.cat([b[0] for b in ds.test])[:batch]
         files = {}
-        for i, (name, (module, kind)) in enumerate(timed.items()):
+        for i, (name, (module, keep)) in enumerate(timed.items()):
             path = tmp / f"{i}_b{batch}.onnx"
-            export_report(
-                module,
-                (x,),
-                path,
-                quantize="int8" if kind == "int8" else None,
-                calib_data=calib if kind == "int8" else None,
-            )
+            if keep is None:
+                export_report(module, (x,), path)
+            else:
+                export_report(module, (x,), path, quantize="int8", calib_data=calib, fp32_modules=keep)
             files[name] = str(path)
             if batch == 1:
                 by_name[name]["onnx_bytes"] = path.stat().st_size

@@ -14,7 +14,6 @@ import copy
 import torch
 from torch import fx, nn
 
-
 _HOOK_SUFFIXES = ("hooks", "hooks_with_kwargs", "always_called")
 
 

@@ -125,3 +125,19 @@ def test_bad_calibration_is_a_recipe_error_naming_the_valid_ones():
     ctx = PassContext(example_inputs=(torch.randn(1, 1, 5, 5),))
     with pytest.raises(RecipeError, match="calibration='histogram'; valid: minmax, percentile, entropy"):
         quantize.run(gm, ctx, calibration="histogram")
+
+
+def test_fp32_modules_keep_the_named_conv_float_and_bad_names_are_recipe_errors():
+    gm, ctx, _ = _small("digits_resnet", dict(width=8), (2, 1, 8, 8))
+    first = next(name for name, m in gm.named_modules() if isinstance(m, nn.Conv2d))
+    res = quantize.run(gm, ctx, backend="ort_static", calibration_batches=2, fp32_modules=[first])
+    rec = res.record
+    assert rec["fp32_nodes"] and all(n.startswith(f"/{first}/") for n in rec["fp32_nodes"])
+    assert rec["quantized_ops"]["QLinearConv"] == _convs(gm) - 1
+    for bad, match in (
+        ({"fp32_modules": ["nope"]}, "'nope', not a module"),
+        ({"fp32_modules": [""]}, "'', not a module"),
+        ({"fp32_modules": [first], "backend": "torch_dynamic"}, "ort_static' only"),
+    ):
+        with pytest.raises(RecipeError, match=match):
+            quantize.run(gm, ctx, **bad)

@@ -278,12 +278,11 @@ def symmetrize_(gm: fx.GraphModule) -> None:
     subspace, in place: the Reynolds average W <- 1/4 sum_r P_out^r rot90(W, r) P_in^-r over the group
     (Weiler & Cesa 2019, Sec. 2: equivariant kernels are the fixed points of the group action), where P
     shifts the 4 channels of each regular field by one; BN affine terms become the mean over each field's
-    channels and the running statistics those of the field's pooled activations (InnerBatchNorm shares
-    them). An e2cnn export is a fixed point (to fp32
-    rounding); after a gradient step on the plain twin it restores exact invariance. Only for models for
-    which `can_symmetrize` is True; the caller owns `gm` (finetune's copy)."""
+    channels and the running statistics those of the field's pooled activations (`pool_field_statistics_`;
+    InnerBatchNorm shares them). An e2cnn export is a fixed point (to fp32 rounding); after a gradient step
+    on the plain twin it restores exact invariance. Only for models for which `can_symmetrize` is True; the
+    caller owns `gm` (finetune's copy)."""
     modules = dict(gm.named_modules())
-    sizes = {}
     for f in gm.meta.get(LAYOUT_META, []):
         conv = modules.get(f.layer)
         if conv is None:
@@ -300,20 +299,33 @@ def symmetrize_(gm: fx.GraphModule) -> None:
         w.copy_(acc / 4)
         if conv.bias is not None and f.field_size > 1:
             conv.bias.copy_(_field_mean(conv.bias, f.field_size))
-        sizes[f.layer] = f.field_size
+    for bn, size in _field_batchnorms(gm):
+        for t in (bn.weight, bn.bias):
+            if t is not None:
+                t.copy_(_field_mean(t, size))
+    pool_field_statistics_(gm)
+
+
+@torch.no_grad()
+def pool_field_statistics_(gm: fx.GraphModule) -> None:
+    """In place: each BatchNorm after a layout conv gets, for every regular field, the running statistics of
+    the field's pooled activations (InnerBatchNorm's): the mean of its channels' means, and the mean of
+    their variances plus the spread of their means (equal sample counts per channel). Weights untouched."""
+    for bn, size in _field_batchnorms(gm):
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        spread = (bn.running_mean - _field_mean(bn.running_mean, size)).pow(2)
+        bn.running_var.copy_(_field_mean(bn.running_var + spread, size))
+        bn.running_mean.copy_(_field_mean(bn.running_mean, size))
+
+
+def _field_batchnorms(gm: fx.GraphModule) -> Iterator[tuple[nn.modules.batchnorm._BatchNorm, int]]:
+    """(BatchNorm, field size) for each BatchNorm fed directly by a layout conv with fields larger than 1."""
+    sizes = {f.layer: f.field_size for f in gm.meta.get(LAYOUT_META, []) if f.field_size > 1}
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         src = node.args[0] if node.op == "call_module" and node.args else None
-        if not isinstance(src, fx.Node) or src.op != "call_module" or sizes.get(src.target, 1) == 1:
-            continue
-        bn = modules[node.target]
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            size = sizes[src.target]
-            if bn.running_mean is not None and bn.running_var is not None:
-                # The variance of the field's pooled activations: the mean of its channels' variances plus
-                # the spread of their means (equal sample counts per channel).
-                spread = (bn.running_mean - _field_mean(bn.running_mean, size)).pow(2)
-                bn.running_var.copy_(_field_mean(bn.running_var + spread, size))
-                bn.running_mean.copy_(_field_mean(bn.running_mean, size))
-            for t in (bn.weight, bn.bias):
-                if t is not None:
-                    t.copy_(_field_mean(t, size))
+        if isinstance(src, fx.Node) and src.op == "call_module" and src.target in sizes:
+            bn = modules[node.target]
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                yield bn, sizes[src.target]

@@ -76,7 +76,7 @@ def run(
     for name in unused:
         _restore_stats(bns[name], saved[name][1])
     if e2cnn_adapter.can_symmetrize(gm):
-        e2cnn_adapter.symmetrize_(gm)  # per-channel statistics -> each field's pooled ones
+        e2cnn_adapter.pool_field_statistics_(gm)  # per-channel statistics -> each field's pooled ones
     gm.to(home)
     ctx.debug("bn_recalibrate: %d BN layers on %d batches (unreached: %s)", len(bns), used, unused)
     record = {"bn_layers": len(bns) - len(unused), "batches": used, "momentum": momentum, "unused": unused}

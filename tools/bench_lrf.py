@@ -10,8 +10,9 @@ on synthetic AMR (`--amr-frames` frames per (class, SNR); 20 % of them are the t
 Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s methods ("tucker", "cp", "tt"),
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to
 `--cp-scale` of the allowed dissimilarity ("hybrid_ft": dissimilarity_scale={"cp": 0.5}, because CP chains
-recover least in fine-tuning) factorises the baseline; every factorised model then gets
-the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam 1e-3, distillation from the baseline
+recover least in fine-tuning) factorises the baseline; every factorised model's BatchNorm statistics are
+re-estimated on `--bn-batches` training batches (bn_recalibrate, as in the lrf recipes; 0 skips it), then it
+gets the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam 1e-3, distillation from the baseline
 at T=4) once per seed of `--seeds`; a seed reshuffles the training samples every epoch (the zoo's batch
 lists are fixed, so without it two seeds would train identically) and the accuracy of a point is the mean
 over seeds. That gives one accuracy-vs-MACs curve per method, the baseline as its full-MACs end.
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
 from fxslim.pass_api import PassContext  # noqa: E402
-from fxslim.passes import lowrank_conv  # noqa: E402
+from fxslim.passes import bn_recalibrate, lowrank_conv  # noqa: E402
 from fxslim.training import fit  # noqa: E402
 from fxslim.zoo.train import TrainConfig, evaluate, train_baseline  # noqa: E402
 
@@ -81,7 +82,15 @@ def factorise(gm, x, data, variant: str, similarity: float, args) -> tuple[torch
             res = lowrank_conv.run(gm, ctx, method="auto", objective="flops", dissimilarity_scale=scale, **opts)
         else:
             res = lowrank_conv.run(gm, ctx, method=variant, **opts)
-    return res.module, res.record
+    return recalibrated(res.module, ctx, args), res.record
+
+
+def recalibrated(module: torch.nn.Module, ctx: PassContext, args) -> torch.nn.Module:
+    """`module` with its BatchNorm statistics re-estimated on `args.bn_batches` training batches (the
+    recipes' bn_recalibrate between factorising and fine-tuning); unchanged with --bn-batches 0."""
+    if not args.bn_batches:
+        return module
+    return bn_recalibrate.run(module, ctx, batches=args.bn_batches).module
 
 
 def tltorch_at(model: torch.nn.Module, tucker_record: dict) -> torch.nn.Module | None:
@@ -191,6 +200,7 @@ def run_model(label: str, zoo: str, dataset: str, kwargs: dict, args) -> dict:
     extra.append(measure_point(label, "uniform", None, new, record, model, ds, x1, args))
     peer = tltorch_at(model, records["tucker", args.ref_similarity])
     if peer is not None:
+        peer = recalibrated(peer, PassContext(example_inputs=(ds.example(4),), data=ds.train), args)
         record = {"search_seconds": 0.0, "layers": records["tucker", args.ref_similarity]["layers"]}
         extra.append(measure_point(label, "tltorch", args.ref_similarity, peer, record, model, ds, x1, args))
     detail = [baseline] + [p for p in points if p["similarity"] == args.ref_similarity] + extra
@@ -452,6 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=256, help="calibration samples for the rank search")
     p.add_argument("--cp-iterations", type=int, default=15)
     p.add_argument("--ft-epochs", type=int, default=2)
+    p.add_argument("--bn-batches", type=int, default=16, help="BN recalibration batches before fine-tuning (0: none)")
     p.add_argument("--train-epochs", type=int, default=20)
     p.add_argument("--amr-frames", type=int, default=30, help="AMR frames per (class, SNR)")
     p.add_argument("--models", default=",".join(m[1] for m in MODELS))

@@ -1,0 +1,219 @@
+"""Least-squares reconstruction of the layers that read pruned channels.
+
+After channels are removed, each Conv1d/Conv2d/Linear whose *input* lost channels gets new weights
+    W' = argmin_W ||X' Wᵀ - Y||² + λ ||W||²,
+where X' are the layer's inputs in the pruned model (for a conv, the im2col patches at `positions` sampled
+output positions per example) and Y the same layer's outputs in the unpruned model (its kept output channels
+only), over calibration batches. This is the reconstruction step of channel pruning by He et al. 2017
+("Channel Pruning for Accelerating Very Deep Neural Networks", Sec. 3.1, the least-squares half) and ThiNet
+(Luo et al. 2017, Sec. 3.3). Layers are solved in graph order, each on the inputs that the layers solved
+before it give, so the error does not pile up through the network. λ = `ridge` × the mean diagonal of X'ᵀX'.
+The normal equations are accumulated batch by batch in float64 and solved with `torch.linalg.solve`.
+
+Only plain selections are reconstructed (a plan that merges channels, as `fcos_fuse` does, already combines
+its consumers exactly); grouped convs, string paddings and non-zero padding modes are skipped with a reason.
+The caller owns `new` (a pass's fresh GraphModule); `old` is only run, never changed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxslim.errors import PassError
+from fxslim.rewrite import ChannelPlan
+from fxslim.training import split_batch
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class _Target:
+    node: str  # node name (the same in old and new: apply_plan keeps names)
+    module: str  # qualified module name
+    out_idx: np.ndarray | None  # kept output channels of the old layer, in their new order (None: all)
+
+
+def reconstruct_(
+    new: fx.GraphModule,
+    old: fx.GraphModule,
+    plan: ChannelPlan,
+    batches: Iterable,
+    *,
+    positions: int = 16,
+    ridge: float = 1e-3,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    project: Callable[[fx.GraphModule], None] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Re-fit, in place on `new`, every layer whose input channels `plan` reduced (see the module doc).
+
+    batches: calibration batches ((x, y) or x); augment: maps an input batch to the batch actually used (e.g.
+    all rotations of it for a rotation-equivariant model); project: called on `new` after each layer is
+    solved (e.g. the projection onto the equivariant subspace). Returns one record per layer: {"layer",
+    "samples", "rel_error_before", "rel_error_after"} (relative L2 error of the layer's output on the
+    calibration samples, with the sliced weights and with the solved ones), or {"layer", "skipped": reason}."""
+    if positions < 1 or ridge < 0:
+        raise PassError(f"reconstruct: positions={positions} must be >= 1 and ridge={ridge} >= 0")
+    inputs = [split_batch(b)[0] for b in batches]
+    if not inputs:
+        raise PassError("reconstruct: no calibration batches")
+    if augment is not None:
+        inputs = [(augment(x[0]), *x[1:]) for x in inputs]
+    records, targets = [], []
+    for target, reason in _targets(new, plan):
+        if reason is not None:
+            records.append({"layer": target.module, "skipped": reason})
+        else:
+            targets.append(target)
+    gen = torch.Generator().manual_seed(seed)
+    old_was, new_was = old.training, new.training
+    old.eval(), new.eval()
+    try:
+        for t in targets:
+            records.append(_solve(new, old, t, inputs, positions, ridge, gen))
+            if project is not None:
+                project(new)
+    finally:
+        old.train(old_was), new.train(new_was)
+    return records
+
+
+def _targets(new: fx.GraphModule, plan: ChannelPlan) -> list[tuple[_Target, str | None]]:
+    """The layers of `new` (graph order) whose input channels the plan selected, with a skip reason or None."""
+    params = {p.key: p for p in plan.dg.params}
+    out = []
+    for node in new.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = new.get_submodule(node.target)
+        p = params.get(f"{node.target}.weight")
+        if not isinstance(mod, _LAYERS) or p is None or len(p.ids) < 2 or p.ids[1] is None:
+            continue
+        d_in = plan.dest(p.ids[1])
+        if d_in is None:
+            continue  # its inputs are unchanged
+        t = _Target(node.name, str(node.target), None)
+        d_out = plan.dest(p.ids[0]) if p.ids[0] is not None else None
+        if not d_in[2] or (d_out is not None and not d_out[2]):
+            out.append((t, "merged channels (not a plain selection)"))
+            continue
+        if isinstance(mod, nn.Conv1d | nn.Conv2d):
+            if mod.groups != 1:
+                out.append((t, f"grouped conv (groups={mod.groups})"))
+                continue
+            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                out.append((t, f"padding {mod.padding!r} / padding_mode {mod.padding_mode!r}"))
+                continue
+        if d_out is not None:
+            kept = np.flatnonzero(d_out[0] >= 0)
+            t.out_idx = kept[np.argsort(d_out[0][kept], kind="stable")]
+        out.append((t, None))
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Capture(fx.Interpreter):
+    """Runs a GraphModule up to node `name` and keeps that call's first argument (`want="input"`) or its
+    result (`want="output"`); stops there."""
+
+    def __init__(self, gm: fx.GraphModule, name: str, want: str) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.name, self.want, self.value = name, want, None
+
+    def run_node(self, n: fx.Node):
+        if n.name == self.name and self.want == "input":
+            self.value = self.env[n.args[0]]
+            raise _Stop
+        result = super().run_node(n)
+        if n.name == self.name:
+            self.value = result
+            raise _Stop
+        return result
+
+
+def _capture(gm: fx.GraphModule, name: str, want: str, x: tuple) -> torch.Tensor:
+    cap = _Capture(gm, name, want)
+    try:
+        with torch.no_grad():
+            cap.run(*x)
+    except _Stop:
+        pass
+    if not isinstance(cap.value, torch.Tensor):
+        raise PassError(f"reconstruct: node {name!r} gave no tensor {want}")
+    return cap.value
+
+
+def _rows(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen: torch.Generator):
+    """(A, B): the layer's input rows (im2col patches for a conv) and the matching output rows."""
+    if isinstance(mod, nn.Linear):
+        a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if len(a) > positions * len(x):  # a sequence: sample rows as a conv samples positions
+            keep = torch.randperm(len(a), generator=gen)[: positions * len(x)]
+            a, b = a[keep], b[keep]
+        return a, b
+    if isinstance(mod, nn.Conv1d):
+        x, y = x.unsqueeze(2), y.unsqueeze(2)
+        k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
+    else:
+        k, s, p, d = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C·kh·kw, L)
+    n, dim, length = cols.shape
+    y = y.reshape(n, y.shape[1], -1)
+    if y.shape[2] != length:
+        raise PassError(f"reconstruct: {type(mod).__name__} output has {y.shape[2]} positions, im2col {length}")
+    pick = torch.randint(0, length, (n, min(positions, length)), generator=gen)
+    a = torch.gather(cols, 2, pick[:, None, :].expand(n, dim, pick.shape[1])).transpose(1, 2).reshape(-1, dim)
+    b = torch.gather(y, 2, pick[:, None, :].expand(n, y.shape[1], pick.shape[1])).transpose(1, 2)
+    return a, b.reshape(-1, y.shape[1])
+
+
+def _solve(
+    new: fx.GraphModule,
+    old: fx.GraphModule,
+    t: _Target,
+    inputs: list[tuple],
+    positions: int,
+    ridge: float,
+    gen: torch.Generator,
+) -> dict:
+    mod = new.get_submodule(t.module)
+    bias = mod.bias is not None
+    gram = rhs = None
+    y_sq, samples = 0.0, 0
+    for x in inputs:
+        a, b = _rows(mod, _capture(new, t.node, "input", x), _capture(old, t.node, "output", x), positions, gen)
+        if t.out_idx is not None:
+            b = b[:, torch.as_tensor(t.out_idx)]
+        a = a.double()
+        if bias:
+            a = torch.cat([a, a.new_ones(len(a), 1)], 1)
+        b = b.double()
+        gram = a.T @ a if gram is None else gram + a.T @ a
+        rhs = a.T @ b if rhs is None else rhs + a.T @ b
+        y_sq += float(b.pow(2).sum())
+        samples += len(a)
+    w_now = mod.weight.detach().reshape(mod.weight.shape[0], -1).double()
+    if bias:
+        w_now = torch.cat([w_now, mod.bias.detach().double()[:, None]], 1)
+
+    def rel_error(w: torch.Tensor) -> float:  # ||A wᵀ - B|| / ||B|| from the accumulated sums
+        sq = float((w @ gram * w).sum() - 2 * (w * rhs.T).sum()) + y_sq
+        return float(np.sqrt(max(sq, 0.0) / max(y_sq, 1e-300)))
+
+    reg = ridge * float(gram.diagonal().mean()) if len(gram) else 0.0
+    w = torch.linalg.solve(gram + reg * torch.eye(len(gram), dtype=gram.dtype), rhs).T
+    before, after = rel_error(w_now), rel_error(w)
+    with torch.no_grad():
+        cols = w[:, :-1] if bias else w
+        mod.weight.copy_(cols.reshape(mod.weight.shape).to(mod.weight.dtype))
+        if bias:
+            mod.bias.copy_(w[:, -1].to(mod.bias.dtype))
+    return {"layer": t.module, "samples": samples, "rel_error_before": before, "rel_error_after": after}

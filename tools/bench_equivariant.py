@@ -1,10 +1,12 @@
 """Equivariant compression benchmark: a C4 e2cnn CNN on rotated digits, pruned, fine-tuned and quantized.
 
-It trains (or loads the cached) `c4net` baseline on rotated digits (28×28, random multiples of 90°), then,
+It trains (or loads the cached) `c4net` baseline, fields (8, 16, 32), on rotated digits (28×28, random
+multiples of 90°) to convergence, then,
 all in the same process:
 
 - `linear p`: equivariant_prune(scope="linear", ratio=p), the paper's FC-only L2 pruning, p in 30/50/70%
-- `fields p`: equivariant_prune(scope="fields", ratio=p), whole-field R2Conv pruning, p in 30/50%
+- `fields p`: equivariant_prune(scope="fields", ratio=p), whole-field R2Conv pruning, p in 30/50%, also with
+  reconstruct=True (least-squares re-fit of the layers after the pruned ones, see NOTES)
   each with no fine-tune, the adaptive fine-tune (`finetune.PAPER_ADAPTIVE`: only when the held-out drop
   exceeds 2 points; Adam 1e-3, ReduceLROnPlateau(0.5, 10), early stopping), the same with KD (T=4), and
   the same gate with a cosine schedule (`finetune.COSINE_ADAPTIVE`: Adam 3e-3 annealed to 0 over 100 epochs);
@@ -55,31 +57,39 @@ from fxslim.training import evaluate_accuracy, fit  # noqa: E402
 from fxslim.zoo.train import TrainConfig, train_baseline  # noqa: E402
 
 FULL = {
-    "base_epochs": 60,
-    "batch_size": 32,  # 36 steps per epoch on the 1,150 training digits (batch 128 under-trained the C4 net)
+    "arch": (8, 16, 32),  # C4Net fields per block (kernels 5, 3, 3)
+    "base_epochs": 100,  # the baseline is trained to convergence: Adam 3e-3 annealed by a cosine, no early stop
+    "base_lr": 3e-3,
+    "batch_size": 32,  # 36 steps per epoch on the 1,150 training digits
     "ft_epochs": 50,  # the paper's cap and patience
     "ft_patience": 10,
     "cos_epochs": 100,  # finetune.COSINE_ADAPTIVE
     "linear": [0.3, 0.5, 0.7],
     "fields": [0.3, 0.5],
+    "reconstruct_batches": 8,  # equivariant_prune(reconstruct=True): 256 digits x 4 rotations
     "latency_budget": 1.0,
-    "plain_epochs": 60,
+    "plain_epochs": 100,
     "amr_int8": True,
 }
 QUICK = {
+    "arch": (8, 16, 32),
     "base_epochs": 3,
+    "base_lr": 3e-3,
     "batch_size": 128,
     "ft_epochs": 2,
     "ft_patience": 1,
     "cos_epochs": 2,
     "linear": [0.5],
     "fields": [0.5],
+    "reconstruct_batches": 2,
     "latency_budget": 0.2,
     "plain_epochs": 3,
     "amr_int8": False,
 }
 FT_MODES = ("none", "adaptive", "adaptive+KD", "adaptive+cosine")
-FINAL_FT = "adaptive+cosine"  # the fields-50% model that goes on to INT8 and the latency table
+RECON_FT_MODES = ("none", "adaptive", "adaptive+cosine")  # after equivariant_prune(reconstruct=True)
+FINAL_FT = "adaptive+cosine"
+FINAL = (True, FINAL_FT)  # (reconstruct, fine-tune) of the fields-50% model that goes on to INT8 and latency
 NOTES = """## How to read this
 
 - *inv. error*: max |f(rot90(x, k)) - f(x)| over k = 1, 2, 3 on 64 rotated test digits (logits). The pass
@@ -89,13 +99,18 @@ NOTES = """## How to read this
   paper allows 50 epochs); *FT ep* is 0 when the gate skipped training. Fine-tuning a C4 model projects its
   convs back onto the equivariant subspace before every forward (projected gradient descent), which is
   why the invariance survives training the plain twin.
-- *C4 baseline / adaptive+cosine (control)*: the unpruned net trained by the same cosine fine-tune without
-  the gate: the baseline was not at its best after 60 epochs, so part of what a cosine fine-tune wins back
-  is extra training that the unpruned net gets as well; drops are against the plain baseline (first row).
+- *C4 baseline*: C4Net with fields (8, 16, 32) trained to convergence (config `base_epochs`, Adam
+  `base_lr` annealed to 0 by a cosine, no early stopping). *adaptive+cosine (control)*: the unpruned net
+  given the same cosine fine-tune without the gate: the extra training that a pruned net gets, given to
+  the baseline too; drops are against the plain baseline (first row).
 - *adaptive+cosine*: `finetune.COSINE_ADAPTIVE`, the same gate, then Adam 3e-3 annealed to 0 by a cosine
   over the config's `cos_epochs`, no early stopping (all batches train). A whole-field cut leaves the C4
-  net near chance (each of its few fields carries a feature the head needs), so this fine-tune is a
-  retraining from the kept weights; the plateau schedule of the paper stops short of it.
+  net near chance (each field carries features the pooled head reads), so without reconstruction this
+  fine-tune is a retraining from the kept weights; the plateau schedule of the paper stops short of it.
+- *+ reconstruct*: `equivariant_prune(reconstruct=True)`: every layer after a pruned one re-fit by least
+  squares to the unpruned layer's outputs (`fxslim.reconstruct`) on `reconstruct_batches` training
+  batches with their 4 rotations, projected back onto the equivariant subspace; the fine-tune then starts
+  far above chance (the "none" row).
 - *unaligned*: single channels cut at random (a field-blind pruner; magnitude ties inside a field would
   cut whole fields by accident). The pass manager refuses such a result; it is built outside it here.
 - *plain CNN*: the C4 net's plain twin architecture (same layers, same MACs) trained from random init as
@@ -149,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: dict, seed: int) -> list[dict]:
-    config = TrainConfig(epochs=cfg["base_epochs"], batch_size=cfg["batch_size"], step_size=20, patience=15, seed=seed)
-    trained = train_baseline("c4net", "rotated_digits", config=config)
+    trained = train_baseline("c4net", "rotated_digits", model_kwargs=_arch(cfg), config=_base_config(cfg, seed))
     ds, model = trained.dataset, trained.model.eval()
     x1 = ds.test[0][0][:1]
     probe = ds.test[0][0][:64]  # the invariance probe: 64 rotated test digits
@@ -195,17 +209,22 @@ def run(cfg: dict, seed: int) -> list[dict]:
     control = {**_ft_options(FINAL_FT, cfg, val_fraction), "adaptive": False}
     res = fxslim.compress(model, (x1,), [{"pass": "finetune", **control}], data=ft_data, seed=seed)
     record("C4 baseline", res.module, "baseline", f"{FINAL_FT} (control)", res.report[0].details["epochs"])
-    steps = [("linear", p) for p in cfg["linear"]] + [("fields", p) for p in cfg["fields"]]
+    steps = [("linear", p, False) for p in cfg["linear"]] + [("fields", p, False) for p in cfg["fields"]]
+    steps += [("fields", p, True) for p in cfg["fields"]]
     final = None
-    for scope, ratio in tqdm(steps, desc="pruning configs"):
-        for ft in FT_MODES:
-            recipe: list = [{"pass": "equivariant_prune", "scope": scope, "ratio": ratio}]
+    for scope, ratio, recon in tqdm(steps, desc="pruning configs"):
+        for ft in RECON_FT_MODES if recon else FT_MODES:
+            prune = {"pass": "equivariant_prune", "scope": scope, "ratio": ratio}
+            if recon:
+                prune.update(reconstruct=True, calib_batches=cfg["reconstruct_batches"])
+            recipe: list = [prune]
             if ft != "none":
                 recipe.append({"pass": "finetune", **_ft_options(ft, cfg, val_fraction)})
             res = fxslim.compress(model, (x1,), recipe, data=ft_data, seed=seed)
             ft_rec = res.report[-1].details if ft != "none" else {}
-            name = f"{scope} {int(round(ratio * 100))}%"
+            name = f"{scope} {int(round(ratio * 100))}%" + (" + reconstruct" if recon else "")
             epochs = (ft_rec["epochs"] if ft_rec.get("trained") else 0) if ft != "none" else None
+            recon_err = res.report[0].details.get("reconstructed") if recon else None
             record(
                 name,
                 res.module,
@@ -215,9 +234,10 @@ def run(cfg: dict, seed: int) -> list[dict]:
                 {
                     "pm_invariance_error": max(r.symmetry_error for r in res.report),
                     "held_out_drop_pts": 100 * ft_rec["drop_before"] if ft_rec else None,
+                    **({"reconstruction": recon_err} if recon_err else {}),
                 },
             )
-            if (scope, ratio, ft) == ("fields", 0.5, FINAL_FT):
+            if (scope, ratio, recon, ft) == ("fields", 0.5, *FINAL):
                 final = res.module
                 timed[f"{name} / {ft}"] = (final, None)
     rows.append(unaligned(base_gm, ds, probe, x1, rows[0]["accuracy"]))
@@ -235,7 +255,8 @@ def run(cfg: dict, seed: int) -> list[dict]:
             )
             rec = res.report[0].details
             ops = rec.get("quantized_ops") or {"dynamic Linear": rec.get("quantized_linear")}
-            name = f"fields 50% + INT8 {backend}" + (f", {', '.join(keep)} fp32" if keep else "")
+            name = f"fields 50%{' + reconstruct' if FINAL[0] else ''} + INT8 {backend}"
+            name += f", {', '.join(keep)} fp32" if keep else ""
             record(
                 name,
                 res.module,
@@ -251,6 +272,22 @@ def run(cfg: dict, seed: int) -> list[dict]:
     rows += zoo_int8_latency(cfg["latency_budget"], seed)
     rows += zoo_int8_trained(cfg["latency_budget"], seed, AMR_INT8 if cfg["amr_int8"] else ())
     return rows
+
+
+def _arch(cfg: dict) -> dict:
+    return {"fields": tuple(cfg["arch"]), "kernels": (5, 3, 3)}
+
+
+def _base_config(cfg: dict, seed: int) -> TrainConfig:
+    """The baseline's training (and the plain twin's): Adam, cosine-annealed, every epoch, no early stop."""
+    return TrainConfig(
+        epochs=cfg["base_epochs"],
+        lr=cfg["base_lr"],
+        scheduler="cosine",
+        batch_size=cfg["batch_size"],
+        patience=None,
+        seed=seed,
+    )
 
 
 def _ft_options(ft: str, cfg: dict, val_fraction: float) -> dict:
@@ -400,11 +437,8 @@ def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc
         gm,
         lambda e: (ds.train, ds.val),
         epochs=cfg["plain_epochs"],
-        lr=1e-3,
-        scheduler="step",
-        step_size=20,
-        gamma=0.8,
-        patience=15,
+        lr=cfg["base_lr"],
+        scheduler="cosine",  # as the C4 baseline
         seed=seed,
         desc="plain CNN",
     )

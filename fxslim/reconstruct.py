@@ -16,6 +16,7 @@ The caller owns `new` (a pass's fresh GraphModule); `old` is only run, never cha
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxslim.errors import PassError
+from fxslim import e2cnn_adapter
+from fxslim.errors import PassError, RecipeError
 from fxslim.rewrite import ChannelPlan
 from fxslim.training import split_batch
 
@@ -36,6 +38,26 @@ class _Target:
     node: str  # node name (the same in old and new: apply_plan keeps names)
     module: str  # qualified module name
     out_idx: np.ndarray | None  # kept output channels of the old layer, in their new order (None: all)
+
+
+def check_calib_batches(where: str, value) -> None:
+    """A RecipeError unless `value` (a pass's calib_batches option) is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{where}: calib_batches={value!r} must be an integer >= 1")
+
+
+def refit_after_pruning(
+    new: fx.GraphModule, old: fx.GraphModule, plan: ChannelPlan, data: Iterable, batches: int, seed: int = 0
+) -> list[dict]:
+    """`reconstruct_` as a pruning pass runs it: on the first `batches` batches of `data`; for a model that
+    declares a rotation group (e2cnn), each batch with all of the group's rot90 copies of its inputs (so the
+    least-squares solution is itself equivariant) and the layout convs projected back onto the equivariant
+    subspace after each layer (`e2cnn_adapter.symmetrize_`)."""
+    ks = e2cnn_adapter.rotations(new.meta.get(e2cnn_adapter.GROUP_META))
+    augment = (lambda x: torch.cat([x, *(torch.rot90(x, k, (-2, -1)) for k in ks)])) if ks else None
+    project = e2cnn_adapter.symmetrize_ if e2cnn_adapter.can_symmetrize(new) else None
+    calib = list(itertools.islice(data, batches))
+    return reconstruct_(new, old, plan, calib, augment=augment, project=project, seed=seed)
 
 
 def reconstruct_(

@@ -19,18 +19,16 @@ whole-field cut leaves the C4 zoo net near chance; the reconstructed net starts 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
-import torch
 from torch import fx, nn
 
 from fxslim import e2cnn_adapter
 from fxslim.errors import PassError, RecipeError
 from fxslim.graph.deps import DependencyGraph, Group, analyze
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.reconstruct import reconstruct_
+from fxslim.reconstruct import check_calib_batches, refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
 
 NAME = "equivariant_prune"
@@ -59,8 +57,7 @@ def run(
         raise RecipeError(f"pass {NAME!r}: ratio={ratio!r} must be in [0, 1)")
     if scope not in SCOPES:
         raise RecipeError(f"pass {NAME!r}: scope={scope!r}; valid: {', '.join(SCOPES)}")
-    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
-        raise RecipeError(f"pass {NAME!r}: calib_batches={calib_batches!r} must be an integer >= 1")
+    check_calib_batches(f"pass {NAME!r}", calib_batches)
     data = ctx.require_data(NAME) if reconstruct else None
     layout = gm.meta.get(e2cnn_adapter.LAYOUT_META) or []
     if scope == "fields" and not layout:
@@ -103,18 +100,8 @@ def run(
     if layout:
         new.meta[e2cnn_adapter.LAYOUT_META] = e2cnn_adapter.current_layout(new, layout)
     if reconstruct:
-        record["reconstructed"] = _reconstruct(new, gm, plan, data, calib_batches, ctx.seed)
+        record["reconstructed"] = refit_after_pruning(new, gm, plan, data, calib_batches, ctx.seed)
     return PassResult(new, True, record)
-
-
-def _reconstruct(new: fx.GraphModule, old: fx.GraphModule, plan: ChannelPlan, data, batches: int, seed: int):
-    """Least-squares re-fit of the layers after the pruned ones, on rotated copies of the calibration inputs
-    when the model declares a rotation group, projected back onto the equivariant subspace after each."""
-    ks = e2cnn_adapter.rotations(new.meta.get(e2cnn_adapter.GROUP_META))
-    augment = (lambda x: torch.cat([x, *(torch.rot90(x, k, (-2, -1)) for k in ks)])) if ks else None
-    project = e2cnn_adapter.symmetrize_ if e2cnn_adapter.can_symmetrize(new) else None
-    calib = list(itertools.islice(data, batches))
-    return reconstruct_(new, old, plan, calib, augment=augment, project=project, seed=seed)
 
 
 def _row_norms(dg: DependencyGraph, group: Group, key: str) -> np.ndarray:

@@ -24,6 +24,10 @@ below one unit nor above the group size (a group smaller than one unit stays who
 channels, or N / gcd(N, m) when each channel of the group spans m positions of every weight dim it runs
 through (an attention head spans head_dim rows: any head count keeps widths a multiple of N).
 
+reconstruct=True re-fits, after the cut, every conv/linear whose inputs lost channels by least squares to
+the unpruned layer's outputs on `calib_batches` batches of data (`fxslim.reconstruct`: He et al. 2017, ThiNet),
+in graph order, so the pruned model starts its fine-tune closer to the original.
+
 The new module comes from the shared `remove_channels` primitive (rewrite.apply_plan); this file decides
 only which channels go and never edits the module it is given."""
 
@@ -43,6 +47,7 @@ from fxslim.graph.deps import DependencyGraph, Group, analyze, dims_of
 from fxslim.importance import CRITERIA, atom_scores
 from fxslim.modules import SlimMultiheadAttention
 from fxslim.pass_api import PassContext, PassResult
+from fxslim.reconstruct import check_calib_batches, refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
 
 NAME = "prune_channels"
@@ -62,6 +67,8 @@ def run(
     objective: str = "macs",
     max_ratio: float | None = None,
     latency_table: str | None = None,
+    reconstruct: bool = False,
+    calib_batches: int = 8,
 ) -> PassResult:
     """ratio: fraction of each prunable group's channels removed, in [0, 1).
     importance: "l1" | "l2" | "bn_scale" | "random" (seeded by the recipe seed).
@@ -71,12 +78,16 @@ def run(
     objective: "macs" (every group loses `ratio`) or "latency" (measured per-layer latency decides which
     groups shrink, down to the estimated latency that `ratio` gives with "macs").
     max_ratio: objective="latency": the most any group may lose (default (1 + ratio) / 2).
-    latency_table: objective="latency": JSON file of measured layer latencies (default: the on-disk cache)."""
+    latency_table: objective="latency": JSON file of measured layer latencies (default: the on-disk cache).
+    reconstruct: re-fit every conv/linear whose inputs lost channels by least squares to the unpruned
+    layer's outputs, on the first `calib_batches` batches of data (`fxslim.reconstruct`; needs data)."""
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise RecipeError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in CRITERIA:
         raise RecipeError(f"importance={importance!r}; valid: {', '.join(CRITERIA)}")
     _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table)
+    check_calib_batches(f"pass {NAME!r}", calib_batches)
+    data = ctx.require_data(NAME) if reconstruct else None
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
     groups = dg.prunable_groups
     if not groups:
@@ -99,6 +110,8 @@ def run(
     if not any(removed.values()):
         return PassResult(gm, False, {"groups": len(groups), "removed": 0, **extra})
     new = apply_plan(gm, plan)
+    if reconstruct:
+        extra["reconstructed"] = refit_after_pruning(new, gm, plan, data, calib_batches, ctx.seed)
     return PassResult(
         new,
         True,

@@ -172,3 +172,26 @@ def test_reconstruction_needs_data_and_a_valid_batch_count():
         fxslim.compress(model, (x,), [step])
     with pytest.raises(RecipeError, match="calib_batches"):
         fxslim.compress(model, (x,), [{**step, "calib_batches": 0}], data=[(x, None)])
+
+
+def test_prune_channels_with_reconstruction_is_closer_to_the_unpruned_model():
+    from fxslim.zoo import models as zoo
+
+    torch.manual_seed(0)
+    model = randomize_bn(zoo.build("resnet20", in_ch=1, num_classes=10), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 1, 16, 16, generator=g), None) for _ in range(4)]
+    x = torch.randn(1, 1, 16, 16, generator=g)
+    step = {"pass": "prune_channels", "ratio": 0.5}
+    plain = fxslim.compress(model, (x,), [step]).module
+    res = fxslim.compress(model, (x,), [{**step, "reconstruct": True, "calib_batches": 4}], data=data)
+    rec = res.report[0].details["reconstructed"]
+    refit = [r for r in rec if "skipped" not in r]
+    assert refit and all(r["rel_error_after"] <= r["rel_error_before"] for r in refit)
+    assert [p.shape for p in res.module.parameters()] == [p.shape for p in plain.parameters()]
+    z = torch.randn(32, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        ref = model(z)
+        assert (res.module(z) - ref).norm() < 0.9 * (plain(z) - ref).norm()
+    with pytest.raises(PassError, match="needs data"):
+        fxslim.compress(model, (x,), [{**step, "reconstruct": True}])

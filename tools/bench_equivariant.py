@@ -9,7 +9,8 @@ all in the same process:
   reconstruct=True (least-squares re-fit of the layers after the pruned ones, see NOTES)
   each with no fine-tune, the adaptive fine-tune (`finetune.PAPER_ADAPTIVE`: only when the held-out drop
   exceeds 2 points; Adam 1e-3, ReduceLROnPlateau(0.5, 10), early stopping), the same with KD (T=4), and
-  the same gate with a cosine schedule (`finetune.COSINE_ADAPTIVE`: Adam 3e-3 annealed to 0 over 100 epochs);
+  for fields the same gate with a cosine schedule (`finetune.COSINE_ADAPTIVE`: Adam 3e-3 annealed to 0
+  over 100 epochs);
 - `unaligned 50%`: the e2cnn model's conv channels pruned one by one (L1, analysis with fields=False, applied
   outside the pass manager, which would refuse it): how much invariance a misaligned cut breaks;
 - `plain CNN`: the same layers and MACs as the C4 net's plain twin, trained from random init as an ordinary
@@ -105,9 +106,10 @@ NOTES = """## How to read this
   convs back onto the equivariant subspace before every forward (projected gradient descent), which is
   why the invariance survives training the plain twin.
 - *C4 baseline*: C4Net with fields (8, 16, 32) trained to convergence (config `base_epochs`, Adam
-  `base_lr` annealed to 0 by a cosine, no early stopping). *adaptive+cosine (control)*: the unpruned net
-  given the same cosine fine-tune without the gate: the extra training that a pruned net gets, given to
-  the baseline too; drops are against the plain baseline (first row).
+  `base_lr` annealed to 0 by a cosine, no early stopping). With config `control` on, a second row gives
+  the unpruned net the same cosine fine-tune without the gate (the extra training a pruned net gets);
+  drops are always against the plain baseline (first row).
+- FC pruning (`linear p`) runs the paper's fine-tunes only: its cut leaves the net within a few points.
 - *adaptive+cosine*: `finetune.COSINE_ADAPTIVE`, the same gate, then Adam 3e-3 annealed to 0 by a cosine
   over the config's `cos_epochs`, no early stopping (all batches train). A whole-field cut leaves the C4
   net near chance (each field carries features the pooled head reads), so without reconstruction this

@@ -12,7 +12,8 @@ The normal equations are accumulated batch by batch in float64 and solved with `
 
 Only plain selections are reconstructed (a plan that merges channels, as `fcos_fuse` does, already combines
 its consumers exactly); grouped convs, string paddings and non-zero padding modes are skipped with a reason.
-The caller owns `new` (a pass's fresh GraphModule); `old` is only run, never changed."""
+The caller owns `new` (a pass's fresh GraphModule; tensors it still shares with `old` are copied before
+anything is written); `old` is only run, never changed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import fx, nn
 
 from fxslim import e2cnn_adapter
 from fxslim.errors import PassError, RecipeError
+from fxslim.graph.clone import detach_tensors
 from fxslim.rewrite import ChannelPlan
 from fxslim.training import split_batch
 
@@ -86,6 +88,9 @@ def reconstruct_(
         raise PassError("reconstruct: no calibration batches")
     if augment is not None:
         inputs = [(augment(x[0]), *x[1:]) for x in inputs]
+    # `new` shares every tensor the cut left alone with `old` (copy-on-write clones); the re-fit and the
+    # projection write in place, so `new` gets its own copies first and `old` is never touched.
+    detach_tensors(new, old)
     records, targets = [], []
     for target, reason in _targets(new, plan):
         if reason is not None:

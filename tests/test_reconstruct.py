@@ -195,3 +195,17 @@ def test_prune_channels_with_reconstruction_is_closer_to_the_unpruned_model():
         assert (res.module(z) - ref).norm() < 0.9 * (plain(z) - ref).norm()
     with pytest.raises(PassError, match="needs data"):
         fxslim.compress(model, (x,), [{**step, "reconstruct": True}])
+
+
+def test_the_input_model_is_never_changed():
+    """The cut shares every untouched tensor (e.g. a bias whose outputs all stay) with the input model; the
+    re-fit must not write through it."""
+    torch.manual_seed(0)
+    model = Chain(2).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _batches((4, 3, 8, 8))
+    step = {"pass": "prune_channels", "ratio": 0.5, "reconstruct": True}
+    res = fxslim.compress(model, (data[0][0],), [step], data=data)
+    assert any(r.get("layer") == "fc" and "skipped" not in r for r in res.report[0].details["reconstructed"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -209,3 +209,14 @@ def test_the_input_model_is_never_changed():
     assert any(r.get("layer") == "fc" and "skipped" not in r for r in res.report[0].details["reconstructed"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_builtin_prune50_ft_recipe_refits_then_finetunes():
+    torch.manual_seed(0)
+    model = Chain(2).eval()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    res = fxslim.compress(model, (data[0][0][:1],), "prune50_ft", data=data)
+    assert [r.name for r in res.report] == ["prune_channels", "finetune", "fold_bn"]
+    assert any("skipped" not in r for r in res.report[0].details["reconstructed"])
+    assert res.module(data[0][0]).shape == (8, 4)

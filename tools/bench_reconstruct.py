@@ -13,7 +13,8 @@ prunable group) at 30/50/70%, then:
 - `reconstruct + BN recal`: both.
 
 Each model is scored on the test split as cut (no training) and after `finetune` (Adam 1e-3, KD from the
-unpruned model at T=4) for `--ft-epochs` epochs, once per seed (the seed reshuffles the fine-tune's batches):
+unpruned model at T=4) for `--ft-epochs` epochs, once per seed (the seed draws the order of the training
+samples in every epoch):
 mean and per-seed accuracy, the pass's CPU seconds, MACs. The same cut (same channels) in every variant.
 --quick: ResNet-20 at 50%, one seed, one fine-tune epoch."""
 
@@ -50,6 +51,22 @@ VARIANTS = {  # name -> (reconstruct, bn_recalibrate)
 CALIB_BATCHES, BN_BATCHES = 8, 16
 
 
+class Shuffled:
+    """The samples of `batches` reshuffled into batches of the same size on every pass over them (what a
+    DataLoader with shuffle=True and a seeded generator gives the finetune pass), the order drawn from
+    (seed, pass number)."""
+
+    def __init__(self, batches: list, seed: int) -> None:
+        self.x, self.y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        self.size, self.seed, self.epoch = len(batches[0][1]), seed, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(1000 * self.seed + self.epoch))
+        self.epoch += 1
+        for i in range(0, len(order), self.size):
+            yield self.x[order[i : i + self.size]], self.y[order[i : i + self.size]]
+
+
 def recipe(ratio: float, reconstruct: bool, recal: bool) -> list[dict]:
     steps: list[dict] = [{"pass": "prune_channels", "ratio": ratio}]
     if reconstruct:
@@ -75,7 +92,7 @@ def run_model(name: str, ratios, seeds, ft_epochs: int, bar) -> tuple[list[dict]
             after = []
             for seed in seeds:
                 ft = [{"pass": "finetune", "epochs": ft_epochs, "lr": 1e-3, "kd_temperature": 4.0}]
-                tuned = fxslim.compress(cut, (x1,), ft, data=ds.train, seed=seed).module
+                tuned = fxslim.compress(cut, (x1,), ft, data=Shuffled(ds.train, seed), seed=seed).module
                 after.append(evaluate(tuned, ds)["accuracy"])
                 bar.update()
             rec = res.report[0].details.get("reconstructed", [])

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import platform
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_io import write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import export_report, ort_latency  # noqa: E402
@@ -161,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     plot = plot_rows(rows, Path(args.plot))
     print(f"plot: {plot}; wall {wall:.0f} s")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(figures) + "\n")
-    if args.write_md:
-        Path(args.write_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_md).write_text(markdown(figures, plot))
+    write_outputs(figures, args.json, args.write_md, markdown(figures, plot))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench_io import write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.graph.cost import count  # noqa: E402
@@ -193,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
     }
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(figures) + "\n")
-    if args.write_md:
-        Path(args.write_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_md).write_text(markdown(figures, text))
+    write_outputs(figures, args.json, args.write_md, markdown(figures, text))
     return 0
 
 

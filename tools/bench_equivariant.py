@@ -10,13 +10,17 @@ all in the same process:
   each with no fine-tune, the adaptive fine-tune (`finetune.PAPER_ADAPTIVE`: only when the held-out drop
   exceeds 2 points; Adam 1e-3, ReduceLROnPlateau(0.5, 10), early stopping), the same with KD (T=4), and
   for fields the same gate with a cosine schedule (`finetune.COSINE_ADAPTIVE`: Adam 3e-3 annealed to 0
-  over 100 epochs);
+  over 100 epochs), with and without KD;
 - `unaligned 50%`: the e2cnn model's conv channels pruned one by one (L1, analysis with fields=False, applied
   outside the pass manager, which would refuse it): how much invariance a misaligned cut breaks;
 - `plain CNN`: the same layers and MACs as the C4 net's plain twin, trained from random init as an ordinary
-  CNN, then prune_channels(0.5) + the same two adaptive fine-tunes (no equivariance to keep);
-- `INT8`: the fields-50% + cosine fine-tune model through quantize(backend="ort_static") (the deployment
-  path; once more with the first R2Conv kept fp32) and quantize(backend="torch_dynamic") (the paper's).
+  CNN, then prune_channels(0.5) + the paper's adaptive fine-tune and the cosine one with KD (no equivariance
+  to keep);
+- `wide`: a C4Net twice as wide, fields (16, 32, 64), trained the same way, pruned at 50% of its fields (which
+  leaves exactly the (8, 16, 32) architecture) with the fine-tunes with KD;
+- `INT8`: the wide fields-50% + cosine fine-tune with KD model through quantize(backend="ort_static") (the
+  deployment path; once more with the first R2Conv kept fp32) and quantize(backend="torch_dynamic") (the
+  paper's).
 
 Per row: test accuracy, drop vs baseline (points), invariance error (max |f(rot90^k x) − f(x)| over a test
 batch), params, MACs, fine-tune epochs, ONNX bytes, and onnxruntime latency (process CPU time, one thread,
@@ -74,6 +78,8 @@ FULL = {
     "latency_budget": 1.0,
     "plain_epochs": 100,
     "amr_int8": True,
+    "wide": (16, 32, 64),  # a C4Net twice as wide, trained the same way, pruned at 50% of its fields too
+    "wide_fields": [0.5],
 }
 QUICK = {
     "arch": (8, 16, 32),
@@ -91,12 +97,15 @@ QUICK = {
     "latency_budget": 0.2,
     "plain_epochs": 3,
     "amr_int8": False,
+    "wide": (16, 32, 64),
+    "wide_fields": [0.5],
 }
-FT_MODES = ("none", "adaptive", "adaptive+KD", "adaptive+cosine")
+FT_MODES = ("none", "adaptive", "adaptive+KD", "adaptive+cosine", "adaptive+cosine+KD")
 LINEAR_FT_MODES = ("none", "adaptive", "adaptive+KD")  # the paper's; its cut is small enough for them
 RECON_FT_MODES = ("none", "adaptive", "adaptive+cosine")  # after equivariant_prune(reconstruct=True)
-FINAL_FT = "adaptive+cosine"
-FINAL = (True, FINAL_FT)  # (reconstruct, fine-tune) of the fields-50% model that goes on to INT8 and latency
+WIDE_FT_MODES = ("none", "adaptive+KD", "adaptive+cosine+KD")
+FINAL_FT = "adaptive+cosine+KD"
+FINAL = ("wide fields 50%", FINAL_FT)  # the pruned model that goes on to INT8 and latency
 NOTES = """## How to read this
 
 - *inv. error*: max |f(rot90(x, k)) - f(x)| over k = 1, 2, 3 on 64 rotated test digits (logits). The pass
@@ -115,6 +124,7 @@ NOTES = """## How to read this
   over the config's `cos_epochs`, no early stopping (all batches train). A whole-field cut leaves the C4
   net near chance (each field carries features the pooled head reads), so without reconstruction this
   fine-tune is a retraining from the kept weights; the plateau schedule of the paper stops short of it.
+  *+KD*: the loss adds distillation from the unpruned net (temperature 4).
 - *+ reconstruct*: `equivariant_prune(reconstruct=True)`: every layer after a pruned one re-fit by least
   squares to the unpruned layer's outputs (`fxslim.reconstruct`) on `reconstruct_batches` training
   batches with their 4 rotations, projected back onto the equivariant subspace; the fine-tune then starts
@@ -122,14 +132,18 @@ NOTES = """## How to read this
 - *unaligned*: single channels cut at random (a field-blind pruner; magnitude ties inside a field would
   cut whole fields by accident). The pass manager refuses such a result; it is built outside it here.
 - *plain CNN*: the C4 net's plain twin architecture (same layers, same MACs) trained from random init as
-  an ordinary CNN, then prune_channels(0.5) + the same adaptive fine-tunes.
+  an ordinary CNN, then prune_channels(0.5) + the adaptive fine-tune and the cosine one with KD.
+- *wide*: C4Net with fields (16, 32, 64), trained like the C4 baseline; its drops and speed-ups are against
+  the wide baseline row. Cutting half its fields leaves the (8, 16, 32) architecture of the C4 baseline,
+  so the two rows compare pruning a wide net with training the narrow one from scratch.
 - INT8 rows: params/MACs are those of the fp32 model they quantize. ", features.0 fp32": the same ORT
   static file with the first R2Conv (raw pixels in, `quantize(fp32_modules=[...])`) left in fp32. ORT
   static INT8 quantizes the activations (QUInt8) of rotated inputs differently, so its invariance error
   is reported, not enforced;
   torch dynamic INT8 touches only the Linear head after the invariant pooling.
 - Latency: onnxruntime, one intra-op thread, process CPU time, files interleaved (fxslim.export.ort_latency),
-  speed-up relative to the fp32 C4 baseline; the zoo table compares fp32 and INT8 files of the same model.
+  speed-up relative to the row's fp32 baseline (C4 baseline or wide C4 baseline); the zoo table compares
+  fp32 and INT8 files of the same model.
 """
 
 
@@ -167,18 +181,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: dict, seed: int) -> list[dict]:
-    trained = train_baseline("c4net", "rotated_digits", model_kwargs=_arch(cfg), config=_base_config(cfg, seed))
+    trained = train_baseline("c4net", "rotated_digits", model_kwargs=_arch(cfg["arch"]), config=_base_config(cfg, seed))
     ds, model = trained.dataset, trained.model.eval()
-    x1 = ds.test[0][0][:1]
-    probe = ds.test[0][0][:64]  # the invariance probe: 64 rotated test digits
-    ft_data = ds.train + ds.val  # finetune holds out the last batches (= ds.val) for its drop and early stop
-    val_fraction = (len(ds.val) - 0.5) / len(ft_data)
+    bench = Bench(ds, cfg, seed)
     base_gm = fxslim.trace(model)
-    rows: list[dict] = []
-    # ORT latency: name -> (module, None for fp32 | the fp32_modules of an INT8 file)
-    timed: dict[str, tuple[nn.Module, list[str] | None]] = {}
+    base = bench.record("C4 baseline", base_gm, "baseline")
+    bench.timed["C4 baseline / none"] = (base_gm, None)
+    # Control: the unpruned net given the cosine fine-tune too (no gate), to tell what that training adds alone.
+    if cfg["control"]:
+        control = {**_ft_options(FINAL_FT, cfg, bench.val_fraction), "adaptive": False}
+        res = fxslim.compress(model, (bench.x1,), [{"pass": "finetune", **control}], data=bench.ft_data, seed=seed)
+        epochs = res.report[0].details["epochs"]
+        bench.record("C4 baseline", res.module, "baseline", f"{FINAL_FT} (control)", epochs, base=base)
+    steps = [("linear", p, False, LINEAR_FT_MODES) for p in cfg["linear"]]
+    steps += [("fields", p, False, FT_MODES) for p in cfg["fields"]]
+    steps += [("fields", p, True, RECON_FT_MODES) for p in cfg["reconstruct"]]
+    bench.prune(model, steps, "", base)
+    bench.rows.append(unaligned(base_gm, ds, bench.probe, bench.x1, base["accuracy"]))
+    bench.rows += plain_cnn(base_gm, bench, base["accuracy"])
+    if cfg["wide"]:
+        wide = train_baseline(
+            "c4net", "rotated_digits", model_kwargs=_arch(cfg["wide"]), config=_base_config(cfg, seed)
+        )
+        wide_gm = fxslim.trace(wide.model.eval())
+        wide_base = bench.record("wide C4 baseline", wide_gm, "wide")
+        bench.timed[wide_base["key"]] = (wide_gm, None)
+        steps = [("fields", p, False, WIDE_FT_MODES) for p in cfg["wide_fields"]]
+        bench.prune(wide.model.eval(), steps, "wide ", wide_base)
+    if bench.final is not None:
+        bench.int8(*bench.final)
+    latency(bench.rows, bench.timed, ds, cfg["latency_budget"])
+    rows = bench.rows
+    rows += zoo_int8_latency(cfg["latency_budget"], seed)
+    rows += zoo_int8_trained(cfg["latency_budget"], seed, AMR_INT8 if cfg["amr_int8"] else ())
+    return rows
+
+
+class Bench:
+    """The rows of one run and what they share: the data, the probes, the models to time with onnxruntime."""
+
+    def __init__(self, ds, cfg: dict, seed: int) -> None:
+        self.ds, self.cfg, self.seed = ds, cfg, seed
+        self.x1 = ds.test[0][0][:1]
+        self.probe = ds.test[0][0][:64]  # the invariance probe: 64 rotated test digits
+        self.ft_data = ds.train + ds.val  # finetune holds out the last batches (= ds.val) for its drop and early stop
+        self.val_fraction = (len(ds.val) - 0.5) / len(self.ft_data)
+        self.rows: list[dict] = []
+        # ORT latency: row key -> (module, None for fp32 | the fp32_modules of an INT8 file)
+        self.timed: dict[str, tuple[nn.Module, list[str] | None]] = {}
+        self.final: tuple[nn.Module, dict] | None = None  # FINAL's module and its baseline row
 
     def record(
+        self,
         name: str,
         gm: nn.Module,
         group: str,
@@ -186,100 +240,77 @@ def run(cfg: dict, seed: int) -> list[dict]:
         ft_epochs: int | None = None,
         extra: dict | None = None,
         cost_of: nn.Module | None = None,
+        base: dict | None = None,
     ) -> dict:
-        acc = evaluate_accuracy(gm, ds.test)
-        params, macs = _params_of(cost_of if cost_of is not None else gm, x1)
+        """One row; `base` is the baseline row its drop is measured against (none: it is a baseline)."""
+        acc = evaluate_accuracy(gm, self.ds.test)
+        params, macs = _params_of(cost_of if cost_of is not None else gm, self.x1)
         row = {
             "name": name,
             "key": f"{name} / {ft}",
             "group": group,
             "finetune": ft,
             "accuracy": acc,
-            "drop_pts": 100 * (rows[0]["accuracy"] - acc) if rows else 0.0,
-            "invariance_error": _rot_error(gm, probe),
+            "drop_pts": 100 * (base["accuracy"] - acc) if base else 0.0,
+            "invariance_error": _rot_error(gm, self.probe),
             "params": params,
             "macs": macs,
             "ft_epochs": ft_epochs,
+            "base_key": base["key"] if base else f"{name} / {ft}",  # the speed-ups are against this row
             **(extra or {}),
         }
-        rows.append(row)
+        self.rows.append(row)
         tqdm.write(f"{name:32s} {ft:12s} acc {acc:.4f}  inv {row['invariance_error']:.2e}")
         return row
 
-    record("C4 baseline", base_gm, "baseline")
-    timed["C4 baseline / none"] = (base_gm, None)
-    # Control: the unpruned net given the cosine fine-tune too (no gate), to tell what that training adds alone.
-    if cfg["control"]:
-        control = {**_ft_options(FINAL_FT, cfg, val_fraction), "adaptive": False}
-        res = fxslim.compress(model, (x1,), [{"pass": "finetune", **control}], data=ft_data, seed=seed)
-        record("C4 baseline", res.module, "baseline", f"{FINAL_FT} (control)", res.report[0].details["epochs"])
-    steps = [("linear", p, False) for p in cfg["linear"]] + [("fields", p, False) for p in cfg["fields"]]
-    steps += [("fields", p, True) for p in cfg["reconstruct"]]
-    final = None
-    for scope, ratio, recon in tqdm(steps, desc="pruning configs"):
-        for ft in RECON_FT_MODES if recon else LINEAR_FT_MODES if scope == "linear" else FT_MODES:
-            prune = {"pass": "equivariant_prune", "scope": scope, "ratio": ratio}
-            if recon:
-                prune.update(reconstruct=True, calib_batches=cfg["reconstruct_batches"])
-            recipe: list = [prune]
-            if ft != "none":
-                recipe.append({"pass": "finetune", **_ft_options(ft, cfg, val_fraction)})
-            res = fxslim.compress(model, (x1,), recipe, data=ft_data, seed=seed)
-            ft_rec = res.report[-1].details if ft != "none" else {}
-            name = f"{scope} {int(round(ratio * 100))}%" + (" + reconstruct" if recon else "")
-            epochs = (ft_rec["epochs"] if ft_rec.get("trained") else 0) if ft != "none" else None
-            recon_err = res.report[0].details.get("reconstructed") if recon else None
-            record(
-                name,
-                res.module,
-                scope,
-                ft,
-                epochs,
-                {
+    def prune(self, model: nn.Module, steps: list, prefix: str, base: dict) -> None:
+        """equivariant_prune at each (scope, ratio, reconstruct, fine-tune modes) step, one row per mode."""
+        for scope, ratio, recon, modes in tqdm(steps, desc=f"{prefix}pruning configs"):
+            for ft in modes:
+                prune = {"pass": "equivariant_prune", "scope": scope, "ratio": ratio}
+                if recon:
+                    prune.update(reconstruct=True, calib_batches=self.cfg["reconstruct_batches"])
+                recipe: list = [prune]
+                if ft != "none":
+                    recipe.append({"pass": "finetune", **_ft_options(ft, self.cfg, self.val_fraction)})
+                res = fxslim.compress(model, (self.x1,), recipe, data=self.ft_data, seed=self.seed)
+                ft_rec = res.report[-1].details if ft != "none" else {}
+                name = f"{prefix}{scope} {int(round(ratio * 100))}%" + (" + reconstruct" if recon else "")
+                epochs = (ft_rec["epochs"] if ft_rec.get("trained") else 0) if ft != "none" else None
+                recon_err = res.report[0].details.get("reconstructed") if recon else None
+                extra = {
                     "pm_invariance_error": max(r.symmetry_error for r in res.report),
                     "held_out_drop_pts": 100 * ft_rec["drop_before"] if ft_rec else None,
                     **({"reconstruction": recon_err} if recon_err else {}),
-                },
-            )
-            if (scope, ratio, recon, ft) == ("fields", 0.5, *FINAL):
-                final = res.module
-                timed[f"{name} / {ft}"] = (final, None)
-    rows.append(unaligned(base_gm, ds, probe, x1, rows[0]["accuracy"]))
-    rows += plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, rows[0]["accuracy"])
-    if final is not None:
+                }
+                row = self.record(name, res.module, "wide" if prefix else scope, ft, epochs, extra, base=base)
+                if (name, ft) == FINAL:
+                    self.final = (res.module, base)
+                    self.timed[row["key"]] = (res.module, None)
+
+    def int8(self, final: nn.Module, base: dict) -> None:
+        """FINAL through ORT static INT8 (also with the first R2Conv fp32) and torch dynamic INT8."""
         first = final.meta["field_layout"][0].layer  # the first R2Conv, on the raw pixels
         for backend, keep in (("ort_static", []), ("ort_static", [first]), ("torch_dynamic", [])):
             opts = {"backend": backend, "eval_batches": 0, **({"fp32_modules": keep} if keep else {})}
             res = fxslim.compress(
                 final,
-                (x1,),
+                (self.x1,),
                 [{"pass": "quantize", **opts}],
-                data=ds.train[: 1024 // cfg["batch_size"]],  # 1,024 calibration digits
-                seed=seed,
+                data=self.ds.train[: 1024 // self.cfg["batch_size"]],  # 1,024 calibration digits
+                seed=self.seed,
             )
             rec = res.report[0].details
             ops = rec.get("quantized_ops") or {"dynamic Linear": rec.get("quantized_linear")}
-            name = f"fields 50%{' + reconstruct' if FINAL[0] else ''} + INT8 {backend}"
-            name += f", {', '.join(keep)} fp32" if keep else ""
-            record(
-                name,
-                res.module,
-                "int8",
-                FINAL_FT,
-                None,
-                {"quantized_ops": ops, "pm_invariance_error": res.report[0].symmetry_error},
-                cost_of=final,
-            )
+            name = f"{FINAL[0]} + INT8 {backend}" + (f", {', '.join(keep)} fp32" if keep else "")
+            extra = {"quantized_ops": ops, "pm_invariance_error": res.report[0].symmetry_error}
+            row = self.record(name, res.module, "int8", FINAL_FT, None, extra, cost_of=final, base=base)
             if backend == "ort_static":
-                timed[f"{name} / {FINAL_FT}"] = (final, keep)
-    latency(rows, timed, ds, cfg["latency_budget"])
-    rows += zoo_int8_latency(cfg["latency_budget"], seed)
-    rows += zoo_int8_trained(cfg["latency_budget"], seed, AMR_INT8 if cfg["amr_int8"] else ())
-    return rows
+                self.timed[row["key"]] = (final, keep)
 
 
-def _arch(cfg: dict) -> dict:
-    return {"fields": tuple(cfg["arch"]), "kernels": (5, 3, 3)}
+def _arch(fields) -> dict:
+    return {"fields": tuple(fields), "kernels": (5, 3, 3)}
 
 
 def _base_config(cfg: dict, seed: int) -> TrainConfig:
@@ -296,10 +327,16 @@ def _base_config(cfg: dict, seed: int) -> TrainConfig:
 
 def _ft_options(ft: str, cfg: dict, val_fraction: float) -> dict:
     """The finetune options of fine-tune mode `ft` (one of FT_MODES but "none")."""
-    if ft == "adaptive+cosine":
-        return {**COSINE_ADAPTIVE, "epochs": cfg["cos_epochs"], "val_fraction": val_fraction}
-    opts = {**PAPER_ADAPTIVE, "epochs": cfg["ft_epochs"], "patience": cfg["ft_patience"], "val_fraction": val_fraction}
-    if ft == "adaptive+KD":
+    if ft.startswith("adaptive+cosine"):
+        opts = {**COSINE_ADAPTIVE, "epochs": cfg["cos_epochs"], "val_fraction": val_fraction}
+    else:
+        opts = {
+            **PAPER_ADAPTIVE,
+            "epochs": cfg["ft_epochs"],
+            "patience": cfg["ft_patience"],
+            "val_fraction": val_fraction,
+        }
+    if ft.endswith("+KD"):
         opts["kd_temperature"] = 4.0
     return opts
 
@@ -427,8 +464,9 @@ def unaligned(base_gm: fx.GraphModule, ds, probe: torch.Tensor, x1: torch.Tensor
     return row
 
 
-def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc) -> list[dict]:
+def plain_cnn(base_gm: fx.GraphModule, bench: Bench, base_acc: float) -> list[dict]:
     """The C4 net's plain twin architecture (same layers, MACs) from random init, trained as a plain CNN."""
+    ds, cfg, seed, x1, probe = bench.ds, bench.cfg, bench.seed, bench.x1, bench.probe
     gm = copy.deepcopy(base_gm)
     gm.meta.clear()  # an ordinary CNN: no group, no fields
     torch.manual_seed(seed)
@@ -450,9 +488,9 @@ def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc
     for name, ft in (("plain CNN", "none"), *(("plain CNN prune_channels 50%", f) for f in ("adaptive", FINAL_FT))):
         recipe = None
         if ft != "none":
-            ft_pass = {"pass": "finetune", **_ft_options(ft, cfg, val_fraction)}
+            ft_pass = {"pass": "finetune", **_ft_options(ft, cfg, bench.val_fraction)}
             recipe = [{"pass": "prune_channels", "ratio": 0.5}, ft_pass]
-        module = gm if recipe is None else fxslim.compress(gm, (x1,), recipe, data=ft_data, seed=seed).module
+        module = gm if recipe is None else fxslim.compress(gm, (x1,), recipe, data=bench.ft_data, seed=seed).module
         acc = evaluate_accuracy(module, ds.test)
         params, macs = _params_of(module, x1)
         out.append(
@@ -474,7 +512,8 @@ def plain_cnn(base_gm, ds, cfg, seed, x1, probe, ft_data, val_fraction, base_acc
 
 def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, list[str] | None]], ds, budget: float) -> None:
     """ONNX size and ORT process CPU time per run at batch 1 and 64 (files exported at that batch size,
-    INT8 calibrated on the first 1,024 training digits), interleaved, with the speed-up over the fp32 baseline."""
+    INT8 calibrated on the first 1,024 training digits), interleaved, with the speed-up over the row's fp32
+    baseline (C4 baseline or wide C4 baseline)."""
     by_name = {r["key"]: r for r in rows if "key" in r}
     tmp = Path(tempfile.mkdtemp(prefix="bench_equivariant_"))
     calib = [torch.cat([b[0] for b in ds.train])[:1024]]  # cut into batches of the exported size
@@ -493,7 +532,7 @@ def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, list[str] | None
         t = ort_latency(files, x, budget_s=budget)
         for name, seconds in t.items():
             by_name[name][f"ort_ms_b{batch}"] = 1e3 * seconds
-            by_name[name][f"speedup_b{batch}"] = t["C4 baseline / none"] / seconds
+            by_name[name][f"speedup_b{batch}"] = t[by_name[name]["base_key"]] / seconds
 
 
 def table(rows: list[dict]) -> str:
@@ -575,6 +614,7 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
         ("fields", "s"),
         ("unaligned", "x"),
         ("plain", "^"),
+        ("wide", "P"),
         ("int8", "D"),
     ):
         pts = [(r["params"], 100 * r["accuracy"]) for r in rows if r["group"] == group and r.get("params")]

@@ -12,6 +12,8 @@ The normal equations are accumulated batch by batch in float64 and solved with `
 
 Only plain selections are reconstructed (a plan that merges channels, as `fcos_fuse` does, already combines
 its consumers exactly); grouped convs, string paddings and non-zero padding modes are skipped with a reason.
+`refit_outputs_` solves the same problem for layers named explicitly, fitted to the output of another node of
+the old model: the low-rank passes re-fit the last layer of each factorised chain to the original layer.
 The caller owns `new` (a pass's fresh GraphModule; tensors it still shares with `old` are copied before
 anything is written); `old` is only run, never changed."""
 
@@ -37,9 +39,10 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 @dataclass
 class _Target:
-    node: str  # node name (the same in old and new: apply_plan keeps names)
-    module: str  # qualified module name
+    node: str  # the layer's node in new
+    module: str  # qualified module name in new
     out_idx: np.ndarray | None  # kept output channels of the old layer, in their new order (None: all)
+    old_node: str | None = None  # the node of old whose output it is fitted to (None: the same name)
 
 
 def check_calib_batches(where: str, value) -> None:
@@ -81,6 +84,71 @@ def reconstruct_(
     solved (e.g. the projection onto the equivariant subspace). Returns one record per layer: {"layer",
     "samples", "rel_error_before", "rel_error_after"} (relative L2 error of the layer's output on the
     calibration samples, with the sliced weights and with the solved ones), or {"layer", "skipped": reason}."""
+    records, targets = [], []
+    for target, reason in _targets(new, plan):
+        if reason is not None:
+            records.append({"layer": target.module, "skipped": reason})
+        else:
+            targets.append(target)
+    return records + _refit(new, old, targets, batches, positions, ridge, augment, project, seed)
+
+
+def refit_outputs_(
+    new: fx.GraphModule,
+    old: fx.GraphModule,
+    pairs: dict[str, str],
+    batches: Iterable,
+    *,
+    positions: int = 16,
+    ridge: float = 1e-3,
+    seed: int = 0,
+) -> list[dict]:
+    """Re-fit, in place on `new`, the Conv1d/Conv2d/Linear called at each node of `pairs` ({node of new: node
+    of old}) so that its output matches the output of the old node (all its channels), by the same least
+    squares as `reconstruct_`, in the graph order of `new`. For a layer replaced by a chain (a factorisation),
+    `pairs` maps the chain's last layer to the original layer: the chain's other layers stay as they are and
+    the last one absorbs their error. Returns the records of `reconstruct_`; a layer that is not an ungrouped
+    Conv1d/Conv2d/Linear with zero padding is skipped with the reason."""
+    old_names = {n.name for n in old.graph.nodes}
+    if missing := sorted(set(pairs) - {n.name for n in new.graph.nodes}):
+        raise PassError(f"reconstruct: no node {missing[0]!r} in the new model")
+    records, targets = [], []
+    for n in new.graph.nodes:
+        if n.name not in pairs:
+            continue
+        if n.op != "call_module" or pairs[n.name] not in old_names:
+            raise PassError(f"reconstruct: {n.name!r} is not a call_module node or {pairs[n.name]!r} not in old")
+        t = _Target(n.name, str(n.target), None, pairs[n.name])
+        reason = _skip_reason(new.get_submodule(t.module))
+        if reason is not None:
+            records.append({"layer": t.module, "skipped": reason})
+        else:
+            targets.append(t)
+    return records + _refit(new, old, targets, batches, positions, ridge, None, None, seed)
+
+
+def _skip_reason(mod: nn.Module) -> str | None:
+    if not isinstance(mod, _LAYERS):
+        return f"{type(mod).__name__} is not a Conv1d/Conv2d/Linear"
+    if isinstance(mod, nn.Conv1d | nn.Conv2d):
+        if mod.groups != 1:
+            return f"grouped conv (groups={mod.groups})"
+        if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+            return f"padding {mod.padding!r} / padding_mode {mod.padding_mode!r}"
+    return None
+
+
+def _refit(
+    new: fx.GraphModule,
+    old: fx.GraphModule,
+    targets: list[_Target],
+    batches: Iterable,
+    positions: int,
+    ridge: float,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    project: Callable[[fx.GraphModule], None] | None,
+    seed: int,
+) -> list[dict]:
     if positions < 1 or ridge < 0:
         raise PassError(f"reconstruct: positions={positions} must be >= 1 and ridge={ridge} >= 0")
     inputs = [split_batch(b)[0] for b in batches]
@@ -91,12 +159,7 @@ def reconstruct_(
     # `new` shares every tensor the cut left alone with `old` (copy-on-write clones); the re-fit and the
     # projection write in place, so `new` gets its own copies first and `old` is never touched.
     detach_tensors(new, old)
-    records, targets = [], []
-    for target, reason in _targets(new, plan):
-        if reason is not None:
-            records.append({"layer": target.module, "skipped": reason})
-        else:
-            targets.append(target)
+    records = []
     gen = torch.Generator().manual_seed(seed)
     old_was, new_was = old.training, new.training
     old.eval(), new.eval()
@@ -129,13 +192,9 @@ def _targets(new: fx.GraphModule, plan: ChannelPlan) -> list[tuple[_Target, str 
         if not d_in[2] or (d_out is not None and not d_out[2]):
             out.append((t, "merged channels (not a plain selection)"))
             continue
-        if isinstance(mod, nn.Conv1d | nn.Conv2d):
-            if mod.groups != 1:
-                out.append((t, f"grouped conv (groups={mod.groups})"))
-                continue
-            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-                out.append((t, f"padding {mod.padding!r} / padding_mode {mod.padding_mode!r}"))
-                continue
+        if (reason := _skip_reason(mod)) is not None:
+            out.append((t, reason))
+            continue
         if d_out is not None:
             kept = np.flatnonzero(d_out[0] >= 0)
             t.out_idx = kept[np.argsort(d_out[0][kept], kind="stable")]
@@ -216,7 +275,8 @@ def _solve(
     gram = rhs = None
     y_sq, samples = 0.0, 0
     for x in inputs:
-        a, b = _rows(mod, _capture(new, t.node, "input", x), _capture(old, t.node, "output", x), positions, gen)
+        y = _capture(old, t.old_node or t.node, "output", x)
+        a, b = _rows(mod, _capture(new, t.node, "input", x), y, positions, gen)
         if t.out_idx is not None:
             b = b[:, torch.as_tensor(t.out_idx)]
         a = a.double()

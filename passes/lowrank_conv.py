@@ -21,12 +21,17 @@ lets a CP chain lose only half the similarity the others may (1 - s_cp = 0.5 (1 
 recover less in the one-shot fine-tune than their similarity before it suggests (docs/results/lrf.md).
 `model_similarity` adds a whole-model budget: the per-layer threshold is raised until the factorised model's
 output reaches that cosine similarity with the original on the calibration set.
+`reconstruct=True` then re-fits the last layer of every chain (a 1×1 conv) by least squares to the original
+layer's output on the first `calib_batches` batches of data, in graph order, each on the inputs the layers
+re-fitted before it give (`fxslim.reconstruct.refit_outputs_`): the chain's error and the error the chains
+before it leave behind are absorbed where one linear solve can absorb them.
 
 The search/choice driver `factorise` is shared with `lowrank_linear`, which brings its own methods.
 This file decides ranks and methods; the graph edit is `fxslim.rewrite.replace_modules(inline=True)`."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +46,7 @@ from fxslim.errors import PassError, RecipeError
 from fxslim.graph.clone import clone_gm
 from fxslim.graph.shape import propagate
 from fxslim.pass_api import PassContext, PassResult
+from fxslim.reconstruct import check_calib_batches, refit_outputs_
 from fxslim.rewrite import replace_modules
 from fxslim.training import split_batch
 
@@ -295,6 +301,8 @@ def run(
     cp_iterations: int = 30,
     dissimilarity_scale: dict[str, float] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
+    reconstruct: bool = False,
+    calib_batches: int = 8,
 ) -> PassResult:
     """method: "tucker" | "cp" | "tt" | "auto" (per layer, the cheapest in `objective` of those meeting the
         similarity threshold).
@@ -310,9 +318,13 @@ def run(
     dissimilarity_scale: method="auto" only; per method a factor in (0, 1] on its allowed 1 - similarity
         (methods not named keep 1).
     ignore: module names (targets) left alone.
+    reconstruct: re-fit the last layer of every chain by least squares to the original layer's output, on
+        the first `calib_batches` batches of data (needs data).
 
     record: {"layers": [{node, target, method, ranks, similarity, params/macs before/after, ...}],
-    "skipped": {target: reason}, "search_seconds": float, "layer_similarity": float}."""
+    "skipped": {target: reason}, "search_seconds": float, "layer_similarity": float}; with reconstruct
+    also "reconstructed" (per chain: relative output error before/after the re-fit, or why it was skipped)
+    and "reconstruct_seconds"."""
     return factorise(
         gm,
         ctx,
@@ -331,6 +343,8 @@ def run(
         ignore=ignore,
         options={"cp_iterations": cp_iterations},
         dissimilarity_scale=dissimilarity_scale,
+        reconstruct=reconstruct,
+        calib_batches=calib_batches,
     )
 
 
@@ -437,10 +451,14 @@ def factorise(
     ignore: Iterable[str],
     options: dict,
     dissimilarity_scale: dict[str, float] | None = None,
+    reconstruct: bool = False,
+    calib_batches: int = 8,
 ) -> PassResult:
     check_options(
         pass_name, methods, method, rank, similarity, objective, search, step, calib_samples, model_similarity
     )
+    check_calib_batches(f"pass {pass_name!r}", calib_batches)
+    refit_data = ctx.require_data(pass_name) if reconstruct else None
     scale = check_dissimilarity_scale(pass_name, methods, method, dissimilarity_scale)
     out = clone_gm(gm)
     propagate(out, ctx.example_inputs)
@@ -489,12 +507,34 @@ def factorise(
     }
     if model_similarity is not None and rank is None:
         record["model_similarity"] = _model_similarity(out, new, model_inputs) if chosen else 1.0
+    if refit_data is not None and chosen:
+        t0 = time.perf_counter()
+        batches = list(itertools.islice(refit_data, calib_batches))
+        ends, skipped_refit = _chain_ends(new, layers, chosen)
+        record["reconstructed"] = skipped_refit + refit_outputs_(new, out, ends, batches, seed=ctx.seed)
+        record["reconstruct_seconds"] = time.perf_counter() - t0
     if objective == "latency":
         from fxslim.latency import default_table
 
         default_table().save()
     ctx.debug("%s: %s", pass_name, record)
     return PassResult(new if chosen else gm, bool(chosen), record)
+
+
+def _chain_ends(new: fx.GraphModule, layers: list[Layer], chosen: dict[str, Choice]) -> tuple[dict, list]:
+    """({node of `new` that gives a chain's value: the node of the layer it replaced}, skip records) for the
+    chosen layers: a chain that is an nn.Sequential ends in its last layer; any other is skipped."""
+    last, skipped = {}, []
+    for lay in layers:
+        if lay.node not in chosen:
+            continue
+        chain = new.get_submodule(lay.target)
+        if isinstance(chain, nn.Sequential):
+            last[f"{lay.target}.{len(chain) - 1}"] = lay.node
+        else:
+            skipped.append({"layer": lay.target, "skipped": f"{type(chain).__name__} is not a sequence of layers"})
+    ends = {str(n.name): last[str(n.target)] for n in new.graph.nodes if n.op == "call_module" and n.target in last}
+    return ends, skipped
 
 
 def _layers(

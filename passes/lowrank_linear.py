@@ -158,11 +158,14 @@ def run(
     model_similarity: float | None = None,
     dissimilarity_scale: dict[str, float] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
+    reconstruct: bool = False,
+    calib_batches: int = 8,
 ) -> PassResult:
     """method: "svd" | "qr" | "tt" | "auto" (per layer, the cheapest in `objective` meeting the threshold).
     rank: None (search by similarity), an int rank, or a fraction in (0, 1] of min(in, out) (TT: of its
         full bond rank min(o1·i1, o2·i2)).
-    The other options are those of `lowrank_conv`. Record: as `lowrank_conv`'s."""
+    The other options are those of `lowrank_conv` (reconstruct: the second Linear of an SVD/QR pair is re-fit;
+    a TT chain is not a sequence of layers and is skipped with the reason). Record: as `lowrank_conv`'s."""
     return factorise(
         gm,
         ctx,
@@ -181,4 +184,6 @@ def run(
         ignore=ignore,
         options={},
         dissimilarity_scale=dissimilarity_scale,
+        reconstruct=reconstruct,
+        calib_batches=calib_batches,
     )

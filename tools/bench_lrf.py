@@ -11,7 +11,9 @@ Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s met
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to
 `--cp-scale` of the allowed dissimilarity ("hybrid_ft": dissimilarity_scale={"cp": 0.5}, because CP chains
 recover least in fine-tuning) factorises the baseline; every factorised model's BatchNorm statistics are
-re-estimated on `--bn-batches` training batches (bn_recalibrate, as in the lrf recipes; 0 skips it), then it
+re-estimated on `--bn-batches` training batches (bn_recalibrate; 0 skips it) or, with `--reconstruct N`,
+the last layer of every chain re-fit by least squares to the original layer's output on N training batches
+(lowrank_conv reconstruct=True, as in the lrf recipes; no BN recalibration then), then it
 gets the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam 1e-3, distillation from the baseline
 at T=4) once per seed of `--seeds`; a seed reshuffles the training samples every epoch (the zoo's batch
 lists are fixed, so without it two seeds would train identically) and the accuracy of a point is the mean
@@ -73,21 +75,24 @@ CURVE_STYLE = {"tucker": "tab:blue", "cp": "tab:orange", "tt": "tab:green", "hyb
 
 def factorise(gm, x, data, variant: str, similarity: float, args) -> tuple[torch.nn.Module, dict]:
     ctx = PassContext(example_inputs=(x,), data=data)
+    refit = {"reconstruct": True, "calib_batches": args.reconstruct} if args.reconstruct else {}
     if variant == "uniform":
-        res = lowrank_conv.run(gm, ctx, method="tucker", rank=args.uniform_rank)
+        res = lowrank_conv.run(gm, ctx, method="tucker", rank=args.uniform_rank, **refit)
     else:
-        opts = {"similarity": similarity, "calib_samples": args.calib, "cp_iterations": args.cp_iterations}
+        opts = {"similarity": similarity, "calib_samples": args.calib, "cp_iterations": args.cp_iterations, **refit}
         if variant in HYBRIDS:
             scale = {"cp": args.cp_scale} if variant == "hybrid_ft" else None
             res = lowrank_conv.run(gm, ctx, method="auto", objective="flops", dissimilarity_scale=scale, **opts)
         else:
             res = lowrank_conv.run(gm, ctx, method=variant, **opts)
-    return recalibrated(res.module, ctx, args), res.record
+    return (res.module if refit else recalibrated(res.module, ctx, args)), res.record
 
 
 def recalibrated(module: torch.nn.Module, ctx: PassContext, args) -> torch.nn.Module:
     """`module` with its BatchNorm statistics re-estimated on `args.bn_batches` training batches (the
-    recipes' bn_recalibrate between factorising and fine-tuning); unchanged with --bn-batches 0."""
+    recipes' bn_recalibrate between factorising and fine-tuning); unchanged with --bn-batches 0. Our chains
+    skip it under --reconstruct (the re-fit gives every BN the statistics it was trained on); the tltorch
+    peer, which has no re-fit, always gets it."""
     if not args.bn_batches:
         return module
     return bn_recalibrate.run(module, ctx, batches=args.bn_batches).module
@@ -162,6 +167,7 @@ def measure_point(label, variant, similarity, new, record, model, ds, x1, args) 
         "accuracy": sum(accs) / len(accs),
         "accuracy_seeds": accs,
         "search_s": record["search_seconds"],
+        "reconstruct_s": record.get("reconstruct_seconds", 0.0),
         "methods": {r["target"]: r.get("method", "tucker") for r in record["layers"]},
         "layers": len(record["layers"]),
         "module": tuned[0],
@@ -463,6 +469,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cp-iterations", type=int, default=15)
     p.add_argument("--ft-epochs", type=int, default=2)
     p.add_argument("--bn-batches", type=int, default=16, help="BN recalibration batches before fine-tuning (0: none)")
+    p.add_argument(
+        "--reconstruct",
+        type=int,
+        default=0,
+        help="re-fit each chain's last layer by least squares on this many training batches instead of "
+        "recalibrating BN (lowrank_conv reconstruct=True; 0: off)",
+    )
     p.add_argument("--train-epochs", type=int, default=20)
     p.add_argument("--amr-frames", type=int, default=30, help="AMR frames per (class, SNR)")
     p.add_argument("--models", default=",".join(m[1] for m in MODELS))

@@ -163,11 +163,15 @@ def _refit(
     gen = torch.Generator().manual_seed(seed)
     old_was, new_was = old.training, new.training
     old.eval(), new.eval()
+    # One pass of each model per batch: the layers are solved in graph order, each batch's run of `new`
+    # waits before the layer being solved and goes on with its new weights.
+    runs = [(_Stepper(new, x), _Stepper(old, x)) for x in inputs]
     try:
-        for t in targets:
-            records.append(_solve(new, old, t, inputs, positions, ridge, gen))
-            if project is not None:
-                project(new)
+        with torch.no_grad():
+            for t in targets:
+                records.append(_solve(new, t, runs, positions, ridge, gen))
+                if project is not None:
+                    project(new)
     finally:
         old.train(old_was), new.train(new_was)
     return records
@@ -202,39 +206,47 @@ def _targets(new: fx.GraphModule, plan: ChannelPlan) -> list[tuple[_Target, str 
     return out
 
 
-class _Stop(Exception):
-    pass
+class _Stepper:
+    """Runs a GraphModule node by node on one input and can stop anywhere: `input_of(node)` stops just before
+    the node, `output_of(node)` just after it, and the next call goes on from there, so a layer re-fit in
+    between runs with its new weights. Values are freed after their last use, as fx.Interpreter frees them."""
 
+    def __init__(self, gm: fx.GraphModule, args: tuple) -> None:
+        self.interp = fx.Interpreter(gm, garbage_collect_values=True)
+        self.interp.env = {}
+        self.interp.args_iter = iter(args)
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
 
-class _Capture(fx.Interpreter):
-    """Runs a GraphModule up to node `name` and keeps that call's first argument (`want="input"`) or its
-    result (`want="output"`); stops there."""
+    def input_of(self, name: str) -> torch.Tensor:
+        node = self._run_to(name)
+        return self._tensor(self.interp.env.get(node.args[0]) if node.args else None, name, "input")
 
-    def __init__(self, gm: fx.GraphModule, name: str, want: str) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.name, self.want, self.value = name, want, None
+    def output_of(self, name: str) -> torch.Tensor:
+        node = self._run_to(name)
+        value = self.interp.env[node] = self.interp.run_node(node)
+        self._step(node)
+        return self._tensor(value, name, "output")
 
-    def run_node(self, n: fx.Node):
-        if n.name == self.name and self.want == "input":
-            self.value = self.env[n.args[0]]
-            raise _Stop
-        result = super().run_node(n)
-        if n.name == self.name:
-            self.value = result
-            raise _Stop
-        return result
+    def _run_to(self, name: str) -> fx.Node:
+        while self.pos < len(self.nodes):
+            node = self.nodes[self.pos]
+            if node.name == name:
+                return node
+            self.interp.env[node] = self.interp.run_node(node)
+            self._step(node)
+        raise PassError(f"reconstruct: node {name!r} not reached (not in the graph, or before a layer solved earlier)")
 
+    def _step(self, node: fx.Node) -> None:
+        for done in self.interp.user_to_last_uses.get(node, []):
+            self.interp.env.pop(done, None)
+        self.pos += 1
 
-def _capture(gm: fx.GraphModule, name: str, want: str, x: tuple) -> torch.Tensor:
-    cap = _Capture(gm, name, want)
-    try:
-        with torch.no_grad():
-            cap.run(*x)
-    except _Stop:
-        pass
-    if not isinstance(cap.value, torch.Tensor):
-        raise PassError(f"reconstruct: node {name!r} gave no tensor {want}")
-    return cap.value
+    @staticmethod
+    def _tensor(value, name: str, want: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise PassError(f"reconstruct: node {name!r} gave no tensor {want}")
+        return value
 
 
 def _rows(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen: torch.Generator):
@@ -263,9 +275,8 @@ def _rows(mod: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen:
 
 def _solve(
     new: fx.GraphModule,
-    old: fx.GraphModule,
     t: _Target,
-    inputs: list[tuple],
+    runs: list[tuple[_Stepper, _Stepper]],
     positions: int,
     ridge: float,
     gen: torch.Generator,
@@ -274,9 +285,9 @@ def _solve(
     bias = mod.bias is not None
     gram = rhs = None
     y_sq, samples = 0.0, 0
-    for x in inputs:
-        y = _capture(old, t.old_node or t.node, "output", x)
-        a, b = _rows(mod, _capture(new, t.node, "input", x), y, positions, gen)
+    for run_new, run_old in runs:
+        y = run_old.output_of(t.old_node or t.node)
+        a, b = _rows(mod, run_new.input_of(t.node), y, positions, gen)
         if t.out_idx is not None:
             b = b[:, torch.as_tensor(t.out_idx)]
         a = a.double()

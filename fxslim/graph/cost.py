@@ -24,7 +24,9 @@ MAC conventions (a MAC is one multiply-accumulate; FLOPs are about 2x MACs):
     (qkv projection, Q K^T and A V inside each window, output projection); the cpb-MLP of V2 is its own
     linears; the mask, softmax and cosine normalisation are not counted.
   * nn.MultiheadAttention (a leaf): Q, K, V input projections + Q K^T + A V + output projection, from the
-    module's dims and the actual query/key shapes (batch_first either way, unbatched inputs too).
+    module's dims and the actual query/key shapes (batch_first either way, unbatched inputs too);
+    fxslim's SlimMultiheadAttention (what a pruned one becomes: input width D, H heads of width d, output
+    width O, inner width A = H*d) the same with its own widths: L*D*A + 2*S*D*A + 2*L*S*A + L*A*O.
   * norms (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm and their F.* forms): 1 MAC per output
     element (the per-element affine `x*scale + shift` that remains in deployment; statistics ignored).
   * pooling (max/avg, 1-3 d): out_numel * window size, one "MAC" per element read; adaptive pooling
@@ -47,7 +49,7 @@ from torch import fx, nn
 
 from fxslim.errors import AnalysisError
 from fxslim.graph.shape import out_shape, propagate
-from fxslim.modules import slim_window_attention
+from fxslim.modules import SlimMultiheadAttention, slim_window_attention
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,18 @@ def _multihead_attention(node: fx.Node, module: nn.MultiheadAttention) -> int:
     return batch * (projections + attention)
 
 
+def _slim_multihead_attention(node: fx.Node, module: SlimMultiheadAttention) -> int:
+    q = _shape_of(_arg(node, 0, "query"))
+    k = _shape_of(_arg(node, 1, "key"))
+    if module.batch_first:  # (N, L, D)
+        batch, length, source = math.prod(q[:-2]), q[-2], k[-2]
+    else:  # (L, N, D)
+        batch, length, source = q[1], q[0], k[0]
+    inner, in_dim = module.num_heads * module.head_dim, module.in_proj_weight.shape[1]
+    projections = length * in_dim * inner + 2 * source * in_dim * inner + length * inner * module.out_proj.out_features
+    return batch * (projections + 2 * length * source * inner)
+
+
 def _window_attention(node: fx.Node, module: nn.Module | None) -> int:
     b, h, w, c = _shape_of(_arg(node, 0, "input"))
     attention = _shape_of(_arg(node, 1, "qkv_weight"))[0] // 3
@@ -233,6 +247,7 @@ MAC_RULES: dict[Any, MacRule] = {
     "bmm": _matmul(0, "input"),
     F.scaled_dot_product_attention: _sdpa,
     nn.MultiheadAttention: _multihead_attention,
+    SlimMultiheadAttention: _slim_multihead_attention,
     slim_window_attention: _window_attention,
     nn.BatchNorm1d: _per_output_element,
     nn.BatchNorm2d: _per_output_element,

@@ -12,6 +12,7 @@ import fxslim
 from fxslim.errors import AnalysisError
 from fxslim.graph.cost import Cost, NodeCost, annotate, count
 from fxslim.graph.shape import out_shape, propagate
+from fxslim.modules import SlimMultiheadAttention
 
 
 class SelfAttention(nn.Module):
@@ -167,6 +168,40 @@ def test_multihead_attention_cross_with_kdim_vdim():
     assert macs_of(CrossAttention(mha), q, k, v) == expected
     # need_weights=True takes the unfused path, which FlopCounterMode does see
     assert flop_counter_macs(mha, q, k, v) == expected
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_slim_multihead_attention_counts_as_the_module_it_wraps(batch_first):
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    slim = SlimMultiheadAttention.from_module(mha)
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    assert macs_of(SelfAttention(slim), x) == macs_of(SelfAttention(mha), x) == MHA_SELF_MACS
+
+
+def test_slim_multihead_attention_with_pruned_widths():
+    slim = SlimMultiheadAttention(12, num_heads=3, head_dim=2, out_dim=10, batch_first=True)
+    # inner width 6: Q 5*12*6 = 360, K and V 2 * 5*12*6 = 720, out 5*6*10 = 300, QK^T + AV 2*5*5*6 = 300
+    assert macs_of(SelfAttention(slim), torch.randn(2, 5, 12)) == 2 * (360 + 720 + 300 + 300)
+
+
+def test_a_pruned_vision_transformer_has_every_attention_counted():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64).eval()
+    x = torch.randn(1, 3, 32, 32)
+    res = fxslim.compress(vit, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+    attention = [n for n, m in res.module.named_modules() if isinstance(m, SlimMultiheadAttention)]
+    assert len(attention) == 2
+    cost = count(res.module, (x,))
+    assert cost.uncounted == []
+    tokens = 5  # 2x2 patches + the class token
+    for name in attention:
+        m = res.module.get_submodule(name)
+        inner, width = m.num_heads * m.head_dim, m.in_proj_weight.shape[1]
+        node = next(n for n in res.module.graph.nodes if n.op == "call_module" and n.target == name)
+        expected = 3 * tokens * width * inner + 2 * tokens * tokens * inner + tokens * inner * m.out_proj.out_features
+        assert cost.per_node[node.name].macs == expected > 0
 
 
 # --- norms and pooling -----------------------------------------------------------------------------------

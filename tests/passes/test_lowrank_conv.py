@@ -245,6 +245,8 @@ def test_builtin_recipes_run_end_to_end():
         res = fxslim.compress(model, (x,), recipe, data=data)
         names = [r.name for r in res.report]
         assert names[-1] == "finetune" and "lowrank_conv" in names
+        refit = res.report[names.index("lowrank_conv")].details["reconstructed"]  # the recipes re-fit each chain
+        assert refit and all(r["rel_error_after"] <= r["rel_error_before"] + 1e-9 for r in refit)
         assert res.report[-1].macs_after < res.report[0].macs_before
         assert res.module(x).shape == model(x).shape
 

@@ -510,7 +510,12 @@ def run_settings(run: dict) -> str:
         f"`python tools/bench_lrf.py {' '.join(run['argv'])}`: {models}; {run['seconds'] / 60:.1f} min. Similarity "
         f"grid {', '.join(f'{s:g}' for s in a.grid)} (detail table at {a.ref_similarity:g}); {a.calib} calibration "
         f"samples; CP {a.cp_iterations} ALS sweeps; {a.ft_epochs} fine-tune epochs (KD T=4), accuracy the mean of "
-        f"{a.seeds} fine-tune seed(s); hybrid_ft holds CP to {a.cp_scale:g} of the allowed dissimilarity"
+        f"{a.seeds} fine-tune seed(s); hybrid_ft holds CP to {a.cp_scale:g} of the allowed dissimilarity; "
+        + (
+            f"each chain's last layer re-fit by least squares on {a.reconstruct} training batches (reconstruct)"
+            if a.reconstruct
+            else f"BatchNorm recalibrated on {a.bn_batches} training batches"
+        )
         + (f"; AMR {a.amr_frames} frames per (class, SNR), baseline {a.train_epochs} epochs" if "AMR" in models else "")
         + "."
     )

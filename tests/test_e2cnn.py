@@ -268,7 +268,7 @@ def test_bn_recalibrate_gives_each_field_its_pooled_statistics_and_keeps_invaria
 @pytest.mark.parametrize(
     ("recipe", "preset"),
     [
-        ("equivariant_fields", finetune.COSINE_ADAPTIVE),
+        ("equivariant_fields", {**finetune.COSINE_ADAPTIVE, "kd_temperature": 4.0}),
         ("equivariant_linear", {**finetune.PAPER_ADAPTIVE, "kd_temperature": 4.0}),
     ],
 )

@@ -146,15 +146,19 @@ def _sdpa(node: fx.Node, module: nn.Module | None) -> int:
     return batch * length * k[-2] * (e + v[-1])
 
 
-def _multihead_attention(node: fx.Node, module: nn.MultiheadAttention) -> int:
+def _attention_lengths(node: fx.Node, batch_first: bool) -> tuple[int, int, int]:
+    """(batch, query length, key length) of a multi-head attention call (nn.MultiheadAttention's layouts)."""
     q = _shape_of(_arg(node, 0, "query"))
     k = _shape_of(_arg(node, 1, "key"))
     if len(q) == 2:  # unbatched (L, E)
-        batch, length, source = 1, q[0], k[0]
-    elif module.batch_first:  # (N, L, E)
-        batch, length, source = q[0], q[1], k[1]
-    else:  # (L, N, E)
-        batch, length, source = q[1], q[0], k[0]
+        return 1, q[0], k[0]
+    if batch_first:  # (N, L, E)
+        return q[0], q[1], k[1]
+    return q[1], q[0], k[0]  # (L, N, E)
+
+
+def _multihead_attention(node: fx.Node, module: nn.MultiheadAttention) -> int:
+    batch, length, source = _attention_lengths(node, module.batch_first)
     e = module.embed_dim
     # bias_k/bias_v and add_zero_attn each append one key position before attention.
     attended = source + (module.bias_k is not None) + int(module.add_zero_attn)
@@ -164,12 +168,7 @@ def _multihead_attention(node: fx.Node, module: nn.MultiheadAttention) -> int:
 
 
 def _slim_multihead_attention(node: fx.Node, module: SlimMultiheadAttention) -> int:
-    q = _shape_of(_arg(node, 0, "query"))
-    k = _shape_of(_arg(node, 1, "key"))
-    if module.batch_first:  # (N, L, D)
-        batch, length, source = math.prod(q[:-2]), q[-2], k[-2]
-    else:  # (L, N, D)
-        batch, length, source = q[1], q[0], k[0]
+    batch, length, source = _attention_lengths(node, module.batch_first)
     inner, in_dim = module.num_heads * module.head_dim, module.in_proj_weight.shape[1]
     projections = length * in_dim * inner + 2 * source * in_dim * inner + length * inner * module.out_proj.out_features
     return batch * (projections + 2 * length * source * inner)

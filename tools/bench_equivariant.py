@@ -197,17 +197,17 @@ def run(cfg: dict, seed: int) -> list[dict]:
     steps += [("fields", p, False, FT_MODES) for p in cfg["fields"]]
     steps += [("fields", p, True, RECON_FT_MODES) for p in cfg["reconstruct"]]
     bench.prune(model, steps, "", base)
-    bench.rows.append(unaligned(base_gm, ds, bench.probe, bench.x1, base["accuracy"]))
-    bench.rows += plain_cnn(base_gm, bench, base["accuracy"])
+    unaligned(base_gm, bench, base)
+    plain_cnn(base_gm, bench, base)
     if cfg["wide"]:
         wide = train_baseline(
             "c4net", "rotated_digits", model_kwargs=_arch(cfg["wide"]), config=_base_config(cfg, seed)
-        )
-        wide_gm = fxslim.trace(wide.model.eval())
+        ).model.eval()
+        wide_gm = fxslim.trace(wide)
         wide_base = bench.record("wide C4 baseline", wide_gm, "wide")
         bench.timed[wide_base["key"]] = (wide_gm, None)
         steps = [("fields", p, False, WIDE_FT_MODES) for p in cfg["wide_fields"]]
-        bench.prune(wide.model.eval(), steps, "wide ", wide_base)
+        bench.prune(wide, steps, "wide ", wide_base)
     if bench.final is not None:
         bench.int8(*bench.final)
     latency(bench.rows, bench.timed, ds, cfg["latency_budget"])
@@ -433,11 +433,11 @@ def _rot_error(model: nn.Module, x: torch.Tensor) -> float:
         return max(float((model(torch.rot90(x, k, (2, 3))) - y).abs().max()) for k in (1, 2, 3))
 
 
-def unaligned(base_gm: fx.GraphModule, ds, probe: torch.Tensor, x1: torch.Tensor, base_acc: float) -> dict:
+def unaligned(base_gm: fx.GraphModule, bench: Bench, base: dict) -> None:
     """Half the channels of every e2cnn conv removed one by one, ignoring fields. The channels of a field
     have equal norms (rotated copies of one filter), so a magnitude criterion ties and happens to cut whole
     fields; a seeded random choice stands for a pruner that is blind to fields."""
-    dg = analyze(base_gm, (x1,), fields=False)
+    dg = analyze(base_gm, (bench.x1,), fields=False)
     scores = atom_scores(dg, "random", seed=1)
     plan = ChannelPlan(dg)
     layers = {f.layer for f in base_gm.meta["field_layout"]}
@@ -446,27 +446,12 @@ def unaligned(base_gm: fx.GraphModule, ds, probe: torch.Tensor, x1: torch.Tensor
             continue
         order = np.argsort(scores[g.atoms], kind="stable")
         plan.target[g.atoms[order[: g.size // 2]]] = -1
-    gm = apply_plan(base_gm, plan)
-    acc = evaluate_accuracy(gm, ds.test)
-    params, macs = _params_of(gm, x1)
-    row = {
-        "name": "unaligned channels 50% (random)",
-        "group": "unaligned",
-        "finetune": "none",
-        "accuracy": acc,
-        "drop_pts": 100 * (base_acc - acc),
-        "invariance_error": _rot_error(gm, probe),
-        "params": params,
-        "macs": macs,
-        "ft_epochs": None,
-    }
-    tqdm.write(f"{row['name']:38s} acc {acc:.4f}  inv {row['invariance_error']:.2e}")
-    return row
+    bench.record("unaligned channels 50% (random)", apply_plan(base_gm, plan), "unaligned", base=base)
 
 
-def plain_cnn(base_gm: fx.GraphModule, bench: Bench, base_acc: float) -> list[dict]:
+def plain_cnn(base_gm: fx.GraphModule, bench: Bench, base: dict) -> None:
     """The C4 net's plain twin architecture (same layers, MACs) from random init, trained as a plain CNN."""
-    ds, cfg, seed, x1, probe = bench.ds, bench.cfg, bench.seed, bench.x1, bench.probe
+    ds, cfg, seed = bench.ds, bench.cfg, bench.seed
     gm = copy.deepcopy(base_gm)
     gm.meta.clear()  # an ordinary CNN: no group, no fields
     torch.manual_seed(seed)
@@ -484,30 +469,12 @@ def plain_cnn(base_gm: fx.GraphModule, bench: Bench, base_acc: float) -> list[di
         seed=seed,
         desc="plain CNN",
     )
-    out = []
-    for name, ft in (("plain CNN", "none"), *(("plain CNN prune_channels 50%", f) for f in ("adaptive", FINAL_FT))):
-        recipe = None
-        if ft != "none":
-            ft_pass = {"pass": "finetune", **_ft_options(ft, cfg, bench.val_fraction)}
-            recipe = [{"pass": "prune_channels", "ratio": 0.5}, ft_pass]
-        module = gm if recipe is None else fxslim.compress(gm, (x1,), recipe, data=bench.ft_data, seed=seed).module
-        acc = evaluate_accuracy(module, ds.test)
-        params, macs = _params_of(module, x1)
-        out.append(
-            {
-                "name": name,
-                "group": "plain",
-                "finetune": ft,
-                "accuracy": acc,
-                "drop_pts": 100 * (base_acc - acc),
-                "invariance_error": _rot_error(module, probe),
-                "params": params,
-                "macs": macs,
-                "ft_epochs": None,
-            }
-        )
-        tqdm.write(f"{name:38s} acc {acc:.4f}  inv {out[-1]['invariance_error']:.2e}")
-    return out
+    bench.record("plain CNN", gm, "plain", base=base)
+    for ft in ("adaptive", FINAL_FT):
+        ft_pass = {"pass": "finetune", **_ft_options(ft, cfg, bench.val_fraction)}
+        recipe = [{"pass": "prune_channels", "ratio": 0.5}, ft_pass]
+        module = fxslim.compress(gm, (bench.x1,), recipe, data=bench.ft_data, seed=seed).module
+        bench.record("plain CNN prune_channels 50%", module, "plain", ft, base=base)
 
 
 def latency(rows: list[dict], timed: dict[str, tuple[nn.Module, list[str] | None]], ds, budget: float) -> None:

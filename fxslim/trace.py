@@ -40,6 +40,21 @@ class _Tracer(fx.Tracer):
         self.failed_at: list[str] | None = None
         # e2cnn models: module id -> output field type of the e2cnn module it was exported from
         self.geometric: dict[int, object] | None = None
+        self._param_index: tuple[nn.Module, dict[int, str]] | None = None  # (root, id(parameter) -> name)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's behaviour for a parameter read as a module attribute (a get_attr node named by its first
+        qualified name, one per name), found in a dict instead of fx's scan of `root.named_parameters()` on
+        every read: quadratic on models that read many (ConvNeXt's layer scales, ViT's embeddings)."""
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            if self._param_index is None or self._param_index[0] is not self.root:
+                self._param_index = (self.root, {id(p): n for n, p in self.root.named_parameters()})
+            name = self._param_index[1].get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_names or isinstance(m, self._leaf_types):

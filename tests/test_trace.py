@@ -87,3 +87,29 @@ def test_traced_and_pruned_modules_save_and_load(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)  # a whole GraphModule is not weights-only
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(loaded(x), res.module(x))
+
+
+class _ParamReads(nn.Module):
+    """Parameters read as attributes in forward: one shared by two submodules, one read twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # tied: the first name, a.weight, is the one fx records
+        self.scale = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        w1, w2 = self.a.weight, self.b.weight
+        return (x @ w1.t() + x @ w2.t()) * self.scale + self.scale
+
+
+def test_parameter_attribute_reads_trace_as_fx_does():
+    from torch import fx
+
+    model = _ParamReads().eval()
+    x = torch.randn(3, 4)
+    gm = fxslim.trace(model, (x,))
+    get_attrs = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    assert get_attrs == [str(n.target) for n in fx.symbolic_trace(model).graph.nodes if n.op == "get_attr"]
+    assert get_attrs == ["a.weight", "scale"]  # one node per parameter, under its first name
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

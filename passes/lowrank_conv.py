@@ -300,6 +300,7 @@ def run(
     model_similarity: float | None = None,
     cp_iterations: int = 30,
     dissimilarity_scale: dict[str, float] | None = None,
+    candidates: list[str] | tuple[str, ...] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
     reconstruct: bool = False,
     calib_batches: int = 8,
@@ -317,6 +318,9 @@ def run(
     cp_iterations: ALS sweeps per CP fit.
     dissimilarity_scale: method="auto" only; per method a factor in (0, 1] on its allowed 1 - similarity
         (methods not named keep 1).
+    candidates: method="auto" only; the methods the hybrid chooses from (default: all three). The LRF paper
+        lets users exclude methods this way, e.g. CP, the slowest to fit and the one that recovers least in
+        fine-tuning; an excluded method is never decomposed or searched.
     ignore: module names (targets) left alone.
     reconstruct: re-fit the last layer of every chain by least squares to the original layer's output, on
         the first `calib_batches` batches of data (needs data).
@@ -343,6 +347,7 @@ def run(
         ignore=ignore,
         options={"cp_iterations": cp_iterations},
         dissimilarity_scale=dissimilarity_scale,
+        candidates=candidates,
         reconstruct=reconstruct,
         calib_batches=calib_batches,
     )
@@ -427,6 +432,23 @@ def check_dissimilarity_scale(pass_name: str, methods: Iterable[str], method: st
     return {name: float(factor) for name, factor in scale.items()}
 
 
+def check_candidates(pass_name: str, methods: Iterable[str], method: str, candidates) -> list[str]:
+    """The methods to try per layer: `[method]`, or for method="auto" `candidates` (validated) or all `methods`."""
+    methods = list(methods)
+    if candidates is None:
+        return methods if method == "auto" else [method]
+    if method != "auto":
+        raise RecipeError(f"pass {pass_name!r}: candidates only applies to method='auto', not {method!r}")
+    if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)) or not candidates:
+        raise RecipeError(f"pass {pass_name!r}: candidates={candidates!r} must be a non-empty list of methods")
+    for name in candidates:
+        if name not in methods:
+            raise RecipeError(f"pass {pass_name!r}: candidates names {name!r}; valid: {', '.join(methods)}")
+    if len(set(candidates)) != len(candidates):
+        raise RecipeError(f"pass {pass_name!r}: candidates={list(candidates)!r} names a method twice")
+    return [m for m in methods if m in candidates]
+
+
 def method_threshold(threshold: float, method: str, scale: dict[str, float]) -> float:
     """The similarity `method` must reach: its share `scale[method]` of the allowed 1 - threshold."""
     return 1 - scale.get(method, 1.0) * (1 - threshold)
@@ -451,12 +473,14 @@ def factorise(
     ignore: Iterable[str],
     options: dict,
     dissimilarity_scale: dict[str, float] | None = None,
+    candidates: Iterable[str] | None = None,
     reconstruct: bool = False,
     calib_batches: int = 8,
 ) -> PassResult:
     check_options(
         pass_name, methods, method, rank, similarity, objective, search, step, calib_samples, model_similarity
     )
+    names = check_candidates(pass_name, methods, method, candidates)
     check_calib_batches(f"pass {pass_name!r}", calib_batches)
     refit_data = ctx.require_data(pass_name) if reconstruct else None
     scale = check_dissimilarity_scale(pass_name, methods, method, dissimilarity_scale)
@@ -467,7 +491,6 @@ def factorise(
     model_inputs: list[tuple] = []
     if rank is None and layers:
         model_inputs = _record(out, layers, ctx.require_data(pass_name), calib_samples)
-    names = list(methods) if method == "auto" else [method]
     facs = {
         (lay.node, m): methods[m](lay.module, lay.in_shape, lay.out_shape, seed=ctx.seed, **options)
         for lay in layers

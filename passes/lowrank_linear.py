@@ -157,6 +157,7 @@ def run(
     calib_samples: int = 1000,
     model_similarity: float | None = None,
     dissimilarity_scale: dict[str, float] | None = None,
+    candidates: list[str] | tuple[str, ...] | None = None,
     ignore: list[str] | tuple[str, ...] = (),
     reconstruct: bool = False,
     calib_batches: int = 8,
@@ -164,6 +165,7 @@ def run(
     """method: "svd" | "qr" | "tt" | "auto" (per layer, the cheapest in `objective` meeting the threshold).
     rank: None (search by similarity), an int rank, or a fraction in (0, 1] of min(in, out) (TT: of its
         full bond rank min(o1·i1, o2·i2)).
+    candidates: method="auto" only; the methods chosen from (default: "svd", "qr", "tt").
     The other options are those of `lowrank_conv` (reconstruct: the second Linear of an SVD/QR pair is re-fit;
     a TT chain is not a sequence of layers and is skipped with the reason). Record: as `lowrank_conv`'s."""
     return factorise(
@@ -184,6 +186,7 @@ def run(
         ignore=ignore,
         options={},
         dissimilarity_scale=dissimilarity_scale,
+        candidates=candidates,
         reconstruct=reconstruct,
         calib_batches=calib_batches,
     )

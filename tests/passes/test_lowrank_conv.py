@@ -304,3 +304,36 @@ def test_dissimilarity_scale_errors_name_the_pass_and_the_entry():
     ):
         with pytest.raises(fxslim.RecipeError, match=f"lowrank_conv.*{match}"):
             lowrank_conv.run(gm, ctx, **bad)
+
+
+def test_candidates_restrict_the_hybrid_and_skip_the_excluded_methods(monkeypatch):
+    _, gm, data, x = _setup(1, seed=1)
+    ctx = PassContext(example_inputs=(x,), data=data)
+    full = lowrank_conv.run(gm, ctx, method="auto", similarity=0.8, calib_samples=64)
+    assert full.record["methods"]["cp"] > 0  # the case is only a test when the full hybrid picks CP somewhere
+    fits = []
+    monkeypatch.setattr(lowrank_conv.CPConv, "chain", lambda self, k: fits.append(k))  # CP must never be fitted
+    pair = lowrank_conv.run(gm, ctx, method="auto", similarity=0.8, calib_samples=64, candidates=["tt", "tucker"])
+    assert fits == []
+    assert pair.record["methods"] == {"tucker": pair.record["methods"]["tucker"], "tt": pair.record["methods"]["tt"]}
+    singles = {m: lowrank_conv.run(gm, ctx, method=m, similarity=0.8, calib_samples=64) for m in ("tucker", "tt")}
+    per_layer = {m: {r["target"]: r["macs_after"] for r in res.record["layers"]} for m, res in singles.items()}
+    for rec in pair.record["layers"]:  # per layer: the cheaper of Tucker-2 and TT at the threshold
+        assert rec["method"] in ("tucker", "tt")
+        assert rec["macs_after"] == min(per_layer[m].get(rec["target"], float("inf")) for m in ("tucker", "tt"))
+    one = lowrank_conv.run(gm, ctx, method="auto", similarity=0.8, calib_samples=64, candidates=["tucker"])
+    assert fxslim.count(one.module, (x,)).macs == fxslim.count(singles["tucker"].module, (x,)).macs
+
+
+def test_candidates_errors_name_the_pass_and_the_entry():
+    _, gm, data, x = _setup(2)
+    ctx = PassContext(example_inputs=(x,), data=data)
+    for bad, match in (
+        (dict(method="tucker", candidates=["tucker"]), "only applies to method='auto'"),
+        (dict(method="auto", candidates=["svd"]), "names 'svd'"),
+        (dict(method="auto", candidates=[]), "non-empty list"),
+        (dict(method="auto", candidates="cp"), "non-empty list"),
+        (dict(method="auto", candidates=["cp", "cp"]), "twice"),
+    ):
+        with pytest.raises(fxslim.RecipeError, match=f"lowrank_conv.*{match}"):
+            lowrank_conv.run(gm, ctx, **bad)

@@ -119,6 +119,12 @@ def test_similarity_threshold_is_met_and_hybrid_is_cheapest(tmp_path):
     assert macs["auto"] <= min(macs["svd"], macs["qr"], macs["tt"]) < fxslim.count(gm, (x,)).macs
     for m, res in runs.items():
         assert fxslim.export_onnx(res.module, (x,), tmp_path / f"{m}.onnx") < 1e-4
+    # candidates: the hybrid over SVD and QR only picks, per layer, the cheaper of the two
+    pair = lowrank_linear.run(gm, ctx, method="auto", similarity=0.97, calib_samples=96, candidates=["qr", "svd"])
+    assert set(pair.record["methods"]) == {"svd", "qr"}
+    cheapest = {r["target"]: min(x["macs_after"] for m in ("svd", "qr") for x in runs[m].record["layers"]
+                                 if x["target"] == r["target"]) for r in pair.record["layers"]}
+    assert {r["target"]: r["macs_after"] for r in pair.record["layers"]} == cheapest
 
 
 def test_tt_linear_on_the_graph_is_exact_at_the_weight_tt_rank_and_exports(tmp_path):

@@ -10,7 +10,8 @@ on synthetic AMR (`--amr-frames` frames per (class, SNR); 20 % of them are the t
 Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s methods ("tucker", "cp", "tt"),
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to
 `--cp-scale` of the allowed dissimilarity ("hybrid_ft": dissimilarity_scale={"cp": 0.5}, because CP chains
-recover least in fine-tuning) factorises the baseline; every factorised model's BatchNorm statistics are
+recover least in fine-tuning) and the hybrid over Tucker-2 and TT only ("hybrid_nocp": candidates=["tucker",
+"tt"], the LRF paper's exclusion of a method) factorises the baseline; every factorised model's BatchNorm statistics are
 re-estimated on `--bn-batches` training batches (bn_recalibrate; 0 skips it) or, with `--reconstruct N`,
 the last layer of every chain re-fit by least squares to the original layer's output on N training batches
 (lowrank_conv reconstruct=True, as in the lrf recipes; no BN recalibration then), then it
@@ -63,10 +64,11 @@ MODELS = [  # name, zoo model, dataset, model kwargs
     ("ResNet-20-1D (AMR)", "resnet20_1d", "amr", {}),
 ]
 SINGLE = ("tucker", "cp", "tt")
-HYBRIDS = ("hybrid", "hybrid_ft")
+HYBRIDS = ("hybrid", "hybrid_ft", "hybrid_nocp")
 CURVES = (*SINGLE, *HYBRIDS)
 METHOD_COLORS = {"tucker": "tab:blue", "cp": "tab:orange", "tt": "tab:green", "kept": "lightgray"}
-CURVE_STYLE = {"tucker": "tab:blue", "cp": "tab:orange", "tt": "tab:green", "hybrid": "black", "hybrid_ft": "tab:red"}
+CURVE_STYLE = {"tucker": "tab:blue", "cp": "tab:orange", "tt": "tab:green", "hybrid": "black", "hybrid_ft": "tab:red",
+               "hybrid_nocp": "tab:purple"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,7 +84,10 @@ def factorise(gm, x, data, variant: str, similarity: float, args) -> tuple[torch
         opts = {"similarity": similarity, "calib_samples": args.calib, "cp_iterations": args.cp_iterations, **refit}
         if variant in HYBRIDS:
             scale = {"cp": args.cp_scale} if variant == "hybrid_ft" else None
-            res = lowrank_conv.run(gm, ctx, method="auto", objective="flops", dissimilarity_scale=scale, **opts)
+            candidates = ["tucker", "tt"] if variant == "hybrid_nocp" else None
+            res = lowrank_conv.run(
+                gm, ctx, method="auto", objective="flops", dissimilarity_scale=scale, candidates=candidates, **opts
+            )
         else:
             res = lowrank_conv.run(gm, ctx, method=variant, **opts)
     return (res.module if refit else recalibrated(res.module, ctx, args)), res.record
@@ -286,6 +291,11 @@ def compare(hybrid: tuple[float | None, bool], other: tuple[float | None, bool])
     return "ties" if h_bounded and o_bounded else "open"
 
 
+def measured(result: dict) -> list[str]:
+    """The curves of CURVES that `result` has points of (a report of an older run may lack a hybrid)."""
+    return [v for v in CURVES if any(p["variant"] == v for p in result["points"])]
+
+
 def curve(result: dict, variant: str) -> list[tuple[int, float]]:
     base = result["baseline"]
     return [(base["macs"], base["accuracy"])] + [
@@ -299,8 +309,8 @@ def equal_accuracy(result: dict, drops: list[float]) -> list[dict]:
     rows = []
     for drop in drops:
         level = base["accuracy"] - drop / 100
-        at = {v: macs_at(curve(result, v), level) for v in CURVES}
-        verdicts = {h: {v: compare(at[h], at[v]) for v in SINGLE} for h in HYBRIDS}
+        at = {v: macs_at(curve(result, v), level) for v in measured(result)}
+        verdicts = {h: {v: compare(at[h], at[v]) for v in SINGLE} for h in HYBRIDS if h in at}
         rows.append({"model": result["model"], "drop_pt": drop, "level": level, "macs": at, "verdicts": verdicts})
     return rows
 
@@ -317,14 +327,20 @@ def _macs_cell(value: tuple[float | None, bool], base_macs: int) -> str:
 
 
 def equal_accuracy_table(rows: list[dict], base_macs: dict[str, int]) -> str:
+    curves = [v for v in CURVES if any(v in r["macs"] for r in rows)]
+    hybrids = [h for h in HYBRIDS if h in curves]
     lines = [
-        "| model | level (drop) | tucker | cp | tt | hybrid | hybrid_ft | hybrid vs tucker / cp / tt "
-        "| hybrid_ft vs tucker / cp / tt |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| model | level (drop) | " + " | ".join(curves) + " | "
+        + " | ".join(f"{h} vs tucker / cp / tt" for h in hybrids) + " |",
+        "|---|---|" + "---:|" * len(curves) + "---|" * len(hybrids),
     ]
     for r in rows:
-        cells = " | ".join(_macs_cell(r["macs"][v], base_macs[r["model"]]) for v in CURVES)
-        verdicts = " | ".join(" / ".join(r["verdicts"][h][v] for v in SINGLE) for h in HYBRIDS)
+        cells = " | ".join(
+            _macs_cell(r["macs"][v], base_macs[r["model"]]) if v in r["macs"] else "–" for v in curves
+        )
+        verdicts = " | ".join(
+            " / ".join(r["verdicts"][h][v] for v in SINGLE) if h in r["verdicts"] else "–" for h in hybrids
+        )
         lines.append(f"| {r['model']} | {r['level']:.2%} (−{r['drop_pt']:g} pt) | {cells} | {verdicts} |")
     return "\n".join(lines)
 
@@ -368,10 +384,12 @@ def plot_methods(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(HYBRIDS), len(results), figsize=(4.2 * len(results), 9.0), squeeze=False)
-    for row, hybrid in enumerate(HYBRIDS):
+    hybrids = [h for h in HYBRIDS if any(h in res["hybrid_layers"] for res in results)]
+    size = (4.2 * len(results), 4.5 * len(hybrids))
+    fig, axes = plt.subplots(len(hybrids), len(results), figsize=size, squeeze=False)
+    for row, hybrid in enumerate(hybrids):
         for ax, res in zip(axes[row], results, strict=True):
-            chosen = {r["target"]: r for r in res["hybrid_layers"][hybrid]}
+            chosen = {r["target"]: r for r in res["hybrid_layers"].get(hybrid, [])}
             names = res["layer_order"]
             for i, name in enumerate(names):
                 rec = chosen.get(name)
@@ -399,7 +417,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.4 * len(results), 4.0), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         base = res["baseline"]
-        for v in CURVES:
+        for v in measured(res):
             pts = sorted(curve(res, v))
             ax.plot(
                 [m / base["macs"] for m, _ in pts],
@@ -428,8 +446,8 @@ def targets(results: list[dict], equal_rows: list[dict]) -> list[str]:
     """The issue's three targets, checked on the measured points."""
     main = [r for r in equal_rows if r["drop_pt"] == 1.0]
     out = []
-    for hybrid in HYBRIDS:
-        won = [r["model"] for r in main if all(v == "wins" for v in r["verdicts"][hybrid].values())]
+    for hybrid in [h for h in HYBRIDS if any(h in r["verdicts"] for r in main)]:
+        won = [r["model"] for r in main if all(v == "wins" for v in r["verdicts"].get(hybrid, {"-": "-"}).values())]
         out.append(
             f"{hybrid} needs fewer MACs than tucker, cp and tt at equal accuracy (baseline − 1 pt, on each "
             f"method's interpolated curve): {len(won)} of {len(main)} models"

@@ -11,8 +11,8 @@ Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s met
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to
 `--cp-scale` of the allowed dissimilarity ("hybrid_ft": dissimilarity_scale={"cp": 0.5}, because CP chains
 recover least in fine-tuning) and the hybrid over Tucker-2 and TT only ("hybrid_nocp": candidates=["tucker",
-"tt"], the LRF paper's exclusion of a method) factorises the baseline; every factorised model's BatchNorm statistics are
-re-estimated on `--bn-batches` training batches (bn_recalibrate; 0 skips it) or, with `--reconstruct N`,
+"tt"], the LRF paper's exclusion of a method) factorises the baseline; every factorised model's BatchNorm
+statistics are re-estimated on `--bn-batches` training batches (bn_recalibrate; 0 skips it) or, with `--reconstruct N`,
 the last layer of every chain re-fit by least squares to the original layer's output on N training batches
 (lowrank_conv reconstruct=True, as in the lrf recipes; no BN recalibration then), then it
 gets the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam 1e-3, distillation from the baseline
@@ -446,11 +446,14 @@ def targets(results: list[dict], equal_rows: list[dict]) -> list[str]:
     """The issue's three targets, checked on the measured points."""
     main = [r for r in equal_rows if r["drop_pt"] == 1.0]
     out = []
-    for hybrid in [h for h in HYBRIDS if any(h in r["verdicts"] for r in main)]:
-        won = [r["model"] for r in main if all(v == "wins" for v in r["verdicts"].get(hybrid, {"-": "-"}).values())]
+    for hybrid in HYBRIDS:
+        rows = [r for r in main if hybrid in r["verdicts"]]  # the models this hybrid was run on
+        if not rows:
+            continue
+        won = [r["model"] for r in rows if all(v == "wins" for v in r["verdicts"][hybrid].values())]
         out.append(
             f"{hybrid} needs fewer MACs than tucker, cp and tt at equal accuracy (baseline − 1 pt, on each "
-            f"method's interpolated curve): {len(won)} of {len(main)} models"
+            f"method's interpolated curve): {len(won)} of {len(rows)} models"
             f"{' (' + ', '.join(won) + ')' if won else ''} (target: >= 2)"
         )
     for res in results:

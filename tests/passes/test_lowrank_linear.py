@@ -122,8 +122,8 @@ def test_similarity_threshold_is_met_and_hybrid_is_cheapest(tmp_path):
     # candidates: the hybrid over SVD and QR only picks, per layer, the cheaper of the two
     pair = lowrank_linear.run(gm, ctx, method="auto", similarity=0.97, calib_samples=96, candidates=["qr", "svd"])
     assert set(pair.record["methods"]) == {"svd", "qr"}
-    cheapest = {r["target"]: min(x["macs_after"] for m in ("svd", "qr") for x in runs[m].record["layers"]
-                                 if x["target"] == r["target"]) for r in pair.record["layers"]}
+    cheapest = {r["target"]: min(single["macs_after"] for m in ("svd", "qr") for single in runs[m].record["layers"]
+                                 if single["target"] == r["target"]) for r in pair.record["layers"]}
     assert {r["target"]: r["macs_after"] for r in pair.record["layers"]} == cheapest
 
 

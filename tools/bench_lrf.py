@@ -450,10 +450,11 @@ def targets(results: list[dict], equal_rows: list[dict]) -> list[str]:
         rows = [r for r in main if hybrid in r["verdicts"]]  # the models this hybrid was run on
         if not rows:
             continue
-        won = [r["model"] for r in rows if all(v == "wins" for v in r["verdicts"][hybrid].values())]
+        # distinct models: a report of several runs (--report-from a,b) may hold one model twice
+        won = sorted({r["model"] for r in rows if all(v == "wins" for v in r["verdicts"][hybrid].values())})
         out.append(
             f"{hybrid} needs fewer MACs than tucker, cp and tt at equal accuracy (baseline − 1 pt, on each "
-            f"method's interpolated curve): {len(won)} of {len(rows)} models"
+            f"method's interpolated curve): {len(won)} of {len({r['model'] for r in rows})} models"
             f"{' (' + ', '.join(won) + ')' if won else ''} (target: >= 2)"
         )
     for res in results:

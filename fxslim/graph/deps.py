@@ -401,19 +401,18 @@ def analyze(
     _, first = np.unique(src, return_index=True)
     ordered = src[np.sort(first)]  # channel atoms in order of first appearance
     ordered = ordered[is_channel[ordered]]
-    gid_of_label: dict[int, int] = {}
+    # groups numbered in order of their first channel atom
+    labels, first_at, inverse = np.unique(glabel[ordered], return_index=True, return_inverse=True)
+    n_groups = len(labels)
+    rank = np.empty(n_groups, dtype=np.int64)
+    rank[np.argsort(first_at, kind="stable")] = np.arange(n_groups)
+    gidx = rank[inverse.reshape(-1)]
     atom_group = np.full(n_atoms, -1, dtype=np.int64)
-    per_group: list[list[int]] = []
-    for gl in glabel[ordered]:
-        if int(gl) not in gid_of_label:
-            gid_of_label[int(gl)] = len(per_group)
-            per_group.append([])
-    gidx = np.array([gid_of_label[int(g)] for g in glabel[ordered]], dtype=np.int64)
     atom_group[ordered] = gidx
     order = np.argsort(gidx, kind="stable")
-    bounds = np.searchsorted(gidx[order], np.arange(len(per_group) + 1))
+    bounds = np.searchsorted(gidx[order], np.arange(n_groups + 1))
 
-    members: list[list[Member]] = [[] for _ in per_group]
+    members: list[list[Member]] = [[] for _ in range(n_groups)]
     dims = [(node.name, k, ids) for node, value in b.values.items() for k, ids in dims_of(value)]
     # parameters whose dims live in no graph value (e.g. attention heads inside a leaf module) count too
     dims += [(p.key, k, ids) for p in b.params.values() for k, ids in enumerate(p.ids) if ids is not None]
@@ -422,7 +421,7 @@ def analyze(
         members[g].append(Member(name, k, len(ids)))
 
     dg = DependencyGraph(gm, b.values, label, atom_group, [], unsupported, list(b.params.values()), example_inputs)
-    for g in range(len(per_group)):
+    for g in range(n_groups):
         atoms = ordered[order[bounds[g] : bounds[g + 1]]]
         frozen = atom_reason[atoms] >= 0
         reason = None
@@ -443,7 +442,10 @@ def _dim_groups(dims: list, atom_group: np.ndarray, label: np.ndarray) -> list[t
     group = atom_group[label[np.concatenate([ids for _, _, ids in dims])]]
     dim = np.repeat(np.arange(len(dims), dtype=np.int64), sizes)
     keep = group >= 0
-    pairs = np.unique(dim[keep] * (len(atom_group) + 1) + group[keep])
+    key = dim[keep] * (len(atom_group) + 1) + group[keep]
+    # runs of one (dim, group) pair (a dim's channels mostly share one group) are one key before the sort
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
+    pairs = np.unique(key)
     return list(zip((pairs // (len(atom_group) + 1)).tolist(), (pairs % (len(atom_group) + 1)).tolist(), strict=True))
 
 

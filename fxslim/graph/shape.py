@@ -190,8 +190,9 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False)
     gm.meta.pop(SHAPES_META, None)
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)
-    training = {m: m.training for m in gm.modules()}
-    gm.eval()
+    training = [m for m in gm.modules() if m.training]  # usually none: traced models are in eval mode
+    if training:
+        gm.eval()
     try:
         with torch.no_grad():
             _run_recording(gm, inputs)
@@ -202,8 +203,8 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False)
             f"{type(f.cause).__name__}: {f.cause}; example inputs: {_describe_inputs(gm, inputs)}"
         ) from f.cause
     finally:
-        for module, flag in training.items():
-            module.training = flag
+        for module in training:
+            module.training = True
     gm.meta[SHAPES_META] = stamp
 
 

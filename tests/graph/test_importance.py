@@ -49,3 +49,36 @@ def test_scores_equal_the_hand_written_sums(criterion):
     for layer in ("c1", "c2", "fc1"):
         group = dg.group_of(layer, 1)  # the layer's output channels (dim 1)
         np.testing.assert_allclose(scores[group.atoms], want[layer], rtol=1e-5, err_msg=f"{criterion} {layer}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_scores_of_1x1_and_3x3_kernels_in_either_memory_layout(layout):
+    """Kernels are summed by a matrix-vector product, 1x1 kernels need no sum at all; weights stored
+    channels_last give the same hand-written sums."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 1))
+    if layout == "channels_last":
+        m = m.to(memory_format=torch.channels_last)
+        assert not m[2].weight.is_contiguous()
+    dg = analyze(fxslim.trace(m.eval()), (torch.randn(1, 3, 6, 6),))
+    scores = atom_scores(dg, "l1")
+    w0, w2, w4 = (m[i].weight.detach().abs() for i in (0, 2, 4))
+    want = {
+        "_0": w0.sum((1, 2, 3)) + m[0].bias.detach().abs() + w2.sum((0, 2, 3)),
+        "_2": w2.sum((1, 2, 3)) + m[2].bias.detach().abs() + w4.sum((0, 2, 3)),
+    }
+    for layer, expected in want.items():
+        group = dg.group_of(layer, 1)
+        np.testing.assert_allclose(scores[group.atoms], expected.double().numpy(), rtol=1e-5, err_msg=layer)
+
+
+def test_bn_scale_scores_are_the_norm_weights_where_a_group_has_one():
+    torch.manual_seed(2)
+    m = Net().eval()
+    nn.init.normal_(m.bn.weight)
+    dg = analyze(fxslim.trace(m), (torch.randn(2, 3, 8, 8),))
+    scores = atom_scores(dg, "bn_scale")
+    np.testing.assert_allclose(scores[dg.group_of("c1", 1).atoms], m.bn.weight.detach().abs().double().numpy(),
+                               rtol=1e-6)
+    # c2's group has no norm layer: it falls back to l1
+    np.testing.assert_allclose(scores[dg.group_of("c2", 1).atoms], _expected(m, "l1")["c2"], rtol=1e-5)

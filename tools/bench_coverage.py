@@ -65,6 +65,8 @@ SPECIAL: dict[str, Special] = {
     "vit_l_32": Special(64, {"image_size": 64}, "image_size must equal the input and divide by patch 32: 2x2 patches"),
 }
 
+REPEAT_UNDER_S = 10.0  # --repeat times a tool again only while its runs take less than this (CPU seconds)
+
 MD_LEGEND = (
     "Recipe: `prune_channels` ratio {ratio}, random weights (all-zero heads re-drawn), eval, batch 1, input "
     "{size}x{size} unless noted (see `SPECIAL` in the tool). *seconds* = wall time of `fxslim.compress` (trace, "
@@ -76,7 +78,10 @@ MD_LEGEND = (
     "dependency-graph build to the end of pruning, and that over fxslim's process CPU seconds: over the whole "
     "fxslim.compress, and over its analysis + pruning (trace, shape propagation, analysis, pruning), i.e. "
     "without the pass manager's checks after the pass (lint, output shapes and cost recount by a second "
-    "shape propagation, symmetry), which Torch-Pruning's timed region has no counterpart of."
+    "shape propagation, symmetry), which Torch-Pruning's timed region has no counterpart of. The *fastest of "
+    "--repeat* column (with `--repeat N`): the same whole-compress ratio of each tool's fastest of up to N runs "
+    "in its warm worker (fxslim: the same call again; Torch-Pruning: a freshly built model each time; runs of "
+    f"{REPEAT_UNDER_S:g} CPU s or more are not repeated); the other columns are the first run's."
 )
 
 QUICK = [
@@ -149,9 +154,6 @@ def _stage_of(exc: BaseException, step: str) -> str:
     if isinstance(exc, fxslim.ExportError):
         return "export"
     return step
-
-
-REPEAT_UNDER_S = 10.0  # --repeat times a tool again only while its runs take less than this (CPU seconds)
 
 
 def _repeat_timed(first_cpu_s: float, repeat: int, run) -> list[float]:

@@ -88,11 +88,12 @@ class _Scratch:
         self.buf = torch.empty(0)
 
     def magnitude(self, t: torch.Tensor, criterion: str) -> torch.Tensor:
-        if self.buf.numel() < t.numel() or self.buf.device != t.device:
-            self.buf = torch.empty(t.numel(), device=t.device)
+        if self.buf.numel() < t.numel() or self.buf.device != t.device or self.buf.dtype != t.dtype:
+            self.buf = torch.empty(t.numel(), device=t.device, dtype=t.dtype)
         out = self.buf[: t.numel()].view(t.shape)
         return torch.square(t, out=out) if criterion == "l2" else torch.abs(t, out=out)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
+    """A float64 copy (never a view of the scratch buffer: `t` is float32, so `double()` copies)."""
     return t.double().numpy()

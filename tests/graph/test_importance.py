@@ -82,3 +82,20 @@ def test_bn_scale_scores_are_the_norm_weights_where_a_group_has_one():
                                rtol=1e-6)
     # c2's group has no norm layer: it falls back to l1
     np.testing.assert_allclose(scores[dg.group_of("c2", 1).atoms], _expected(m, "l1")["c2"], rtol=1e-5)
+
+
+def test_scores_do_not_depend_on_the_default_dtype():
+    """The scratch buffer follows the weights' float32, so no score is a view of it that a later weight
+    overwrites (as it would be under a float64 default dtype if the buffer took the default)."""
+    torch.manual_seed(3)
+    m = Net().eval()
+    nn.init.normal_(m.bn.weight)
+    dg = analyze(fxslim.trace(m), (torch.randn(2, 3, 8, 8),))
+    want = atom_scores(dg, "bn_scale")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = atom_scores(dg, "bn_scale")
+    finally:
+        torch.set_default_dtype(old)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -182,9 +182,6 @@ def measure_point(label, variant, similarity, new, record, model, ds, x1, args) 
 
 
 def run_model(label: str, zoo: str, dataset: str, kwargs: dict, args) -> dict:
-    if dataset == "amr" and args.amr_snr_min >= AMR_SNRS.stop:
-        last = AMR_SNRS.stop - AMR_SNRS.step
-        raise SystemExit(f"--amr-snr-min {args.amr_snr_min} leaves no SNR (the grid ends at {last} dB)")
     data_kwargs = {"n_per_class_snr": args.amr_frames} if dataset == "amr" else {}
     if dataset == "amr" and args.amr_snr_min > AMR_SNRS.start:  # the default grid keeps the cached baseline's key
         data_kwargs["snrs"] = list(range(args.amr_snr_min, AMR_SNRS.stop, AMR_SNRS.step))
@@ -511,7 +508,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--amr-snr-min",
         type=int,
         default=AMR_SNRS.start,
-        help=f"lowest AMR SNR in dB (grid {AMR_SNRS.start}..{AMR_SNRS.stop - AMR_SNRS.step} step {AMR_SNRS.step}): "
+        help=f"lowest AMR SNR in dB (grid {AMR_SNRS.start}..{AMR_SNRS[-1]} step {AMR_SNRS.step}): "
         "frames far below 0 dB are near chance for every model and make accuracy differences noise",
     )
     p.add_argument("--models", default=",".join(m[1] for m in MODELS))
@@ -523,6 +520,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cp-scale", type=float, default=0.5, help="hybrid_ft: CP's share of the allowed dissimilarity")
     p.add_argument("--report-from", default=None, help="JSON files (comma-separated) of earlier runs: report only")
     args = p.parse_args(argv)
+    if args.amr_snr_min > AMR_SNRS[-1]:
+        p.error(f"--amr-snr-min {args.amr_snr_min} leaves no SNR (the grid ends at {AMR_SNRS[-1]} dB)")
     if args.quick:
         args.grid, args.ref_similarity, args.seeds = "0.8,0.9", 0.9, 1
         args.calib, args.ft_epochs, args.amr_frames, args.latency_budget = 256, 1, 20, 0.5
@@ -554,7 +553,7 @@ def run_settings(run: dict) -> str:
         )
         + (
             f"; AMR {a.amr_frames} frames per (class, SNR), SNR {getattr(a, 'amr_snr_min', AMR_SNRS.start)}.."
-            f"{AMR_SNRS.stop - AMR_SNRS.step} dB, baseline {a.train_epochs} epochs"
+            f"{AMR_SNRS[-1]} dB, baseline {a.train_epochs} epochs"
             if "AMR" in models
             else ""
         )

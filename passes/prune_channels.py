@@ -269,8 +269,10 @@ class LatencyModel:
         measured: int,
         lookups: int,
         table_seconds: float,
+        ops: int = 0,
     ):
         self.layers, self.measured, self.lookups, self.table_seconds = layers, measured, lookups, table_seconds
+        self.ops = ops  # the last `ops` entries of `layers` are memory-bound ops (fxslim.latency_ops), not layers
         self.a = np.array([x.a for x in layers])
         self.b = np.array([x.b for x in layers])
         self.macs = np.array([x.macs for x in layers], dtype=np.float64)
@@ -299,64 +301,101 @@ class LatencyModel:
 
     @classmethod
     def measure(cls, dg: DependencyGraph, groups: list[Group], table_path: str | None) -> LatencyModel:
-        from fxslim.latency import LatencyTable, default_table, latency_key, module_latency
+        from fxslim.latency import LatencyTable, default_table
 
         table = default_table() if table_path is None else LatencyTable(table_path)
-        col = np.full(len(dg.groups), -1, dtype=np.int64)
-        col[[g.index for g in groups]] = np.arange(len(groups))
-        params = {p.key: p for p in dg.params}
-        gm = dg.gm
-        annotate(gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
-        layers, rows, measured, lookups, table_seconds = [], [], 0, 0, 0.0
-        for node in gm.graph.nodes:
-            spec = _layer_spec(gm, node, params)
-            if spec is None:
-                continue
-            build, dims, dim_sizes = spec
-            counts = []
-            for ids, n in zip(dims, dim_sizes, strict=True):  # per weight dim: ids per prunable group, ids in none
-                if ids is None:
-                    counts.append((np.zeros(len(groups)), float(n), n))
-                    continue
-                gi = dg.atom_group[dg.label[ids]]
-                c = np.where(gi >= 0, col[np.maximum(gi, 0)], -1)
-                per = np.bincount(c[c >= 0], minlength=len(groups)).astype(np.float64)
-                counts.append((per, float((c < 0).sum()), len(ids)))
-            if not any(per.any() for per, _, _ in counts):
-                continue
-            points = []
-            for s in WIDTHS:
-                sizes_s = [int(fixed + max(1, round(s * per.sum()))) if per.any() else n for per, fixed, n in counts]
-                module, shape, rel = build(sizes_s)
-                hit = table.get(latency_key(module, shape)) is not None
-                t = module_latency(module, shape, table=table, save=False)
-                measured += not hit
-                lookups += hit
-                points.append((rel, t))
-                if s == 1.0:
-                    table_seconds += t
-            m, t = np.array(points).T
-            (a, b), _ = scipy.optimize.nnls(np.stack([np.ones_like(m), m], axis=1), t)  # t = a + b*m, a, b >= 0
-            cost = node.meta.get("cost")
-            layers.append(
-                _Layer(
-                    node.name,
-                    type(gm.get_submodule(node.target)).__name__,
-                    float(a),
-                    float(b),
-                    tuple((float(x), float(y)) for x, y in points),
-                    int(getattr(cost, "macs", 0)),
-                )
-            )
-            rows.append(counts)
+        annotate(dg.gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
+        count = _GroupCounter(dg, groups)
+        layers, rows, tally = _measure_layers(dg, count, table)
+        ops, op_rows = _measure_ops(dg, count, table, tally)
         table.save()
         if not layers:
             raise PassError(f"pass {NAME!r}: objective='latency' found no conv/linear/attention layer to measure")
+        rows += op_rows
         n0 = np.stack([r[0][0] / r[0][2] for r in rows])
         n1 = np.stack([r[1][0] / r[1][2] for r in rows])
         c0 = np.array([r[0][1] / r[0][2] for r in rows])
         c1 = np.array([r[1][1] / r[1][2] for r in rows])
-        return cls(layers, n0, n1, c0, c1, measured, lookups, table_seconds)
+        return cls(layers + ops, n0, n1, c0, c1, tally["measured"], tally["lookups"], tally["seconds"], len(ops))
+
+
+class _GroupCounter:
+    """Per tensor dim (an array of index ids): how many of its positions each prunable group holds, how many
+    no group holds, and its size."""
+
+    def __init__(self, dg: DependencyGraph, groups: list[Group]) -> None:
+        self.dg, self.n = dg, len(groups)
+        self.col = np.full(len(dg.groups), -1, dtype=np.int64)
+        self.col[[g.index for g in groups]] = np.arange(len(groups))
+
+    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, float, int]:
+        gi = self.dg.atom_group[self.dg.label[ids]]
+        c = np.where(gi >= 0, self.col[np.maximum(gi, 0)], -1)
+        return np.bincount(c[c >= 0], minlength=self.n).astype(np.float64), float((c < 0).sum()), len(ids)
+
+    def fixed(self, n: int) -> tuple[np.ndarray, float, int]:
+        """A dim no group runs through."""
+        return np.zeros(self.n), float(n), n
+
+
+def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table) -> tuple[list[_Layer], list, dict]:
+    """Every conv / linear / attention layer a prunable group runs through, timed at the WIDTHS and fitted."""
+    from fxslim.latency import latency_key, module_latency
+
+    params = {p.key: p for p in dg.params}
+    gm = dg.gm
+    layers, rows, tally = [], [], {"measured": 0, "lookups": 0, "seconds": 0.0}
+    for node in gm.graph.nodes:
+        spec = _layer_spec(gm, node, params)
+        if spec is None:
+            continue
+        build, dims, dim_sizes = spec
+        counts = [count.fixed(n) if ids is None else count(ids) for ids, n in zip(dims, dim_sizes, strict=True)]
+        if not any(per.any() for per, _, _ in counts):
+            continue
+        points = []
+        for s in WIDTHS:
+            sizes_s = [int(fixed + max(1, round(s * per.sum()))) if per.any() else n for per, fixed, n in counts]
+            module, shape, rel = build(sizes_s)
+            hit = table.get(latency_key(module, shape)) is not None
+            t = module_latency(module, shape, table=table, save=False)
+            tally["measured"] += not hit
+            tally["lookups"] += hit
+            points.append((rel, t))
+            if s == 1.0:
+                tally["seconds"] += t
+        m, t = np.array(points).T
+        (a, b), _ = scipy.optimize.nnls(np.stack([np.ones_like(m), m], axis=1), t)  # t = a + b*m, a, b >= 0
+        points = tuple((float(x), float(y)) for x, y in points)
+        macs = int(getattr(node.meta.get("cost"), "macs", 0))
+        layers.append(_Layer(node.name, _op_kind(gm, node), float(a), float(b), points, macs))
+        rows.append(counts)
+    return layers, rows, tally
+
+
+def _measure_ops(dg: DependencyGraph, count: _GroupCounter, table, tally: dict) -> tuple[list[_Layer], list]:
+    """The memory-bound ops between the layers (`fxslim.latency_ops`) whose output a prunable group runs
+    through, each timed once at full width: seconds in proportion to the kept fraction of its pruned dims."""
+    from fxslim.latency_ops import op_nodes, op_seconds
+
+    gm = dg.gm
+    ops, rows = [], []
+    for node in op_nodes(gm):
+        counts = [c for c in (count(ids) for _, ids in dims_of(dg.values.get(node))) if c[0].any()]
+        if not counts:
+            continue
+        t, hit = op_seconds(gm, node, table)
+        tally["measured"] += not hit
+        tally["lookups"] += hit
+        ops.append(_Layer(node.name, _op_kind(gm, node), 0.0, t, ((1.0, t),), 0))
+        rows.append((counts + [count.fixed(1)])[:2])  # its first two pruned dims (most ops have one)
+    return ops, rows
+
+
+def _op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return str(getattr(node.target, "__name__", node.target))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -528,7 +567,8 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
             "table_full_s": model.table_seconds,
             "measured": model.measured,
             "lookups": model.lookups,
-            "layers": len(model.layers),
+            "layers": len(model.layers) - model.ops,
+            "ops": model.ops,
             "steps": steps,
             "kept": {g.index: int(k) for g, k in zip(groups, kept, strict=True)},
             "fits": [

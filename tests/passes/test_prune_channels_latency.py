@@ -164,8 +164,10 @@ def test_latency_measures_once_then_reads_the_cache(measured):
     _, _, first, second = measured
     lat1, lat2 = first.record["latency"], second.record["latency"]
     assert lat1["layers"] == 7  # stem, expand, dw, project, dense1, dense2 and the head's input columns
-    assert lat1["measured"] == 3 * lat1["layers"] and lat1["lookups"] == 0
-    assert lat2["measured"] == 0 and lat2["lookups"] == 3 * lat2["layers"]
+    # one memory-bound op: the mean; every relu follows a conv and the residual add takes one (both fused)
+    assert lat1["ops"] == 1 and [f["kind"] for f in lat1["fits"][7:]] == ["mean"]
+    assert lat1["measured"] == 3 * lat1["layers"] + lat1["ops"] and lat1["lookups"] == 0
+    assert lat2["measured"] == 0 and lat2["lookups"] == 3 * lat2["layers"] + lat2["ops"]
     assert lat1["kept"] == lat2["kept"]
 
 

@@ -1,0 +1,225 @@
+"""Memory-bound ops for the latency model of `prune_channels(objective="latency")`.
+
+A conv or linear layer's time is measured with its weights (`passes/prune_channels.py`); the ops between
+layers carry no MACs but cost time in proportion to the elements they read: norms, activations, elementwise
+arithmetic, pooling, softmax, concatenation. On ConvNeXt-Tiny at 224x224 they are about a fifth of the
+onnxruntime run (GELU 8 %, depthwise convs 5 %, LayerNorm, Add, Mul, layout reorders; docs/results/latency_224.md),
+a share that channel pruning shrinks only linearly where the MACs shrink quadratically. Leaving them out makes
+the greedy blind to which groups carry them.
+
+`op_nodes(gm)` lists the nodes that count and `op_seconds(gm, node, table)` times one of them alone: the node
+copied into a graph of its own, its first tensor input fed at its recorded shape, any other tensor input a
+constant of its shape, exported to ONNX and timed by `fxslim.latency.measure` (cached in the same
+`LatencyTable` as the layers). The time of an op on a one-element tensor (the per-run overhead of a session)
+is subtracted, and the pass scales what is left with the kept fraction of the op's output channels.
+
+View-like ops (reshape, permute, flatten, getitem, ...) do not count: onnxruntime removes most transposes of
+a conv net when it changes the layout. Neither do the ops onnxruntime 1.32 fuses into the conv before them
+(measured with `fxslim.export.op_counts` on the optimised graph): BatchNorm, and ReLU / ReLU6 / Hardtanh /
+Hardsigmoid / Sigmoid / Tanh / LeakyReLU after a conv (directly or through its BatchNorm), and an add that takes
+such a conv output (a residual sum, fused into the NCHWc conv). SiLU, Hardswish and GELU are not fused and
+count. Any other op is left out: the model only ever under-counts, never guesses."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxslim.latency import LatencyTable, measure
+
+_MODULES: tuple[type, ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.Softmax,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+)
+_FUNCTIONS = {
+    operator.add,
+    operator.mul,
+    operator.sub,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.div,
+    torch.cat,
+    torch.sigmoid,
+    torch.relu,
+    torch.tanh,
+    torch.softmax,
+    torch.mean,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.layer_norm,
+    F.softmax,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
+}
+_METHODS = {"add", "mul", "sub", "div", "sigmoid", "relu", "tanh", "softmax", "mean"}
+# fused into a conv before them (onnxruntime 1.32, CPU): the activations, BatchNorm, a residual add
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU)
+_FUSED_FUNCTIONS = {torch.relu, F.relu, F.relu6, torch.sigmoid, torch.tanh, F.hardsigmoid}
+_ADDS = {operator.add, torch.add}
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _float_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if not hasattr(meta, "shape") or not meta.dtype.is_floating_point:
+        return None
+    return tuple(int(d) for d in meta.shape)
+
+
+def _counts(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _MODULES)
+    if node.op == "call_function":
+        return node.target in _FUNCTIONS
+    return node.op == "call_method" and node.target in _METHODS
+
+
+def _producer(gm: fx.GraphModule, node) -> fx.Node | None:
+    """The node that computes `node`'s value, looking through identity and dropout modules."""
+    while isinstance(node, fx.Node) and isinstance(_module(gm, node), _PASS_THROUGH) and node.args:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) else None
+
+
+def _from_conv(gm: fx.GraphModule, node) -> bool:
+    """True when `node` is a conv's output, directly or through the conv's BatchNorm, read by no other node
+    (onnxruntime fuses an op into the conv only then)."""
+    node = _producer(gm, node)
+    if node is None or len(node.users) != 1:
+        return False
+    mod = _module(gm, node)
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        node = _producer(gm, node.args[0])
+        mod = _module(gm, node) if node is not None and len(node.users) == 1 else None
+    return isinstance(mod, (nn.Conv1d, nn.Conv2d))
+
+
+def _fused(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = _module(gm, node)
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        src = _producer(gm, node.args[0])
+        return src is not None and len(src.users) == 1 and isinstance(_module(gm, src), (nn.Conv1d, nn.Conv2d))
+    first = node.args[0] if node.args else None
+    if isinstance(mod, _FUSED_ACTIVATIONS) or (node.op == "call_function" and node.target in _FUSED_FUNCTIONS):
+        return _from_conv(gm, first)
+    if node.op == "call_function" and node.target in _ADDS:
+        return any(_from_conv(gm, a) for a in node.args[:2])
+    return False
+
+
+def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The memory-bound nodes the latency model counts, in graph order (float outputs only)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if _counts(gm, n)
+        and _float_shape(n) is not None
+        and all(_float_shape(a) is not None for a in n.all_input_nodes if a.op != "get_attr")
+        and not _fused(gm, n)
+    ]
+
+
+def _standalone(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModule, tuple[int, ...], str]:
+    """`node` alone in a GraphModule of one input, its other inputs constants; its input shape; a cache key."""
+    root, graph, env, first, parts = nn.Module(), fx.Graph(), {}, None, []
+    for i, a in enumerate(node.all_input_nodes):
+        if a.op == "get_attr":
+            value = _attr(gm, a.target)
+            root.register_buffer(f"p{i}", value.detach().clone())
+            env[a] = graph.get_attr(f"p{i}")
+            parts.append(f"attr{tuple(value.shape)}")
+        elif first is None:
+            first = _float_shape(a)
+            env[a] = graph.placeholder("x")
+            parts.append(f"x{first}")
+        else:
+            shape = _float_shape(a)
+            root.register_buffer(f"c{i}", torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+            env[a] = graph.get_attr(f"c{i}")
+            parts.append(f"c{shape}")
+    new = graph.node_copy(node, lambda a: env[a])
+    if "inplace" in new.kwargs:  # timed on a fresh input each run: an in-place op would change it
+        new.kwargs = {**new.kwargs, "inplace": False}
+    if node.op == "call_module":
+        mod = copy.copy(_module(gm, node))
+        if getattr(mod, "inplace", False):
+            mod.inplace = False
+        root.add_module("op", mod)
+        new.target = "op"
+        what = " ".join(repr(mod).split())
+    else:
+        what = getattr(node.target, "__name__", str(node.target))
+    graph.output(new)
+    constants = [repr(a) for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
+    key = f"op {node.op} {what} ({', '.join(constants)}) @ {' '.join(parts)} ort={ort.__version__}"
+    return fx.GraphModule(root, graph), first, key
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Neg(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+
+def overhead_seconds(table: LatencyTable, budget_s: float = 0.2) -> float:
+    """Seconds of one onnxruntime run of a one-element op: what every standalone timing includes."""
+    key = f"op overhead @ (1,) ort={ort.__version__}"
+    seconds = table.get(key)
+    if seconds is None:
+        seconds = measure(_Neg(), (1,), budget_s=budget_s)
+        table.put(key, seconds)
+    return seconds
+
+
+def op_seconds(gm: fx.GraphModule, node: fx.Node, table: LatencyTable, budget_s: float = 0.2) -> tuple[float, bool]:
+    """Seconds `node` adds to a run (its standalone time less the per-run overhead, at least 0), and whether
+    the table already held it."""
+    module, shape, key = _standalone(gm, node)
+    seconds = table.get(key)
+    hit = seconds is not None
+    if not hit:
+        seconds = measure(module, shape, budget_s=budget_s)
+        table.put(key, seconds)
+    return max(0.0, seconds - overhead_seconds(table, budget_s)), hit

@@ -37,7 +37,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
 import torch
 from torch import fx, nn
 
@@ -340,6 +339,8 @@ class _GroupCounter:
 
 def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table) -> tuple[list[_Layer], list, dict]:
     """Every conv / linear / attention layer a prunable group runs through, timed at the WIDTHS and fitted."""
+    import scipy.optimize
+
     from fxslim.latency import latency_key, module_latency
 
     params = {p.key: p for p in dg.params}

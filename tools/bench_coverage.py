@@ -270,7 +270,7 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
     step("rewrite")
     recipe = [{"pass": "prune_channels", "ratio": RATIO}]
     try:
-        registry()  # importing the pass modules is a once-per-process cost, not per-model work
+        registry()["prune_channels"]  # importing the pass module is a once-per-process cost, not per-model work
         t0, c0 = time.perf_counter(), time.process_time()
         res = fxslim.compress(model, (x,), recipe)
         rec["compress_s"], rec["compress_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0

@@ -12,6 +12,7 @@ remove: passes do."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -178,12 +179,33 @@ class _Applier:
         return self.plan.kept_positions(ids)
 
 
+class _Scratch:
+    """One growing buffer for the intermediate of a tensor re-indexed along several dims (a conv weight loses
+    output and input channels): it is read once by the next step, so reusing its memory spares the page
+    faults of a fresh allocation (on ResNet-50, about two thirds of the re-indexing time of a first run)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._buf is None or self._buf.dtype != dtype or self._buf.numel() < n:
+            self._buf = torch.empty(max(n, 0 if self._buf is None else self._buf.numel()), dtype=dtype)
+        return self._buf[:n].view(shape)
+
+
 def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: bool, summed: bool,
-             weights: np.ndarray) -> torch.Tensor:
+             weights: np.ndarray, scratch: _Scratch | None = None) -> torch.Tensor:
+    """`t` with dim `dim` re-indexed by `dest` (kept positions, or clusters merged); the result goes into
+    `scratch` when given (an intermediate the caller reads once), else into a tensor of its own."""
     src = np.flatnonzero(dest >= 0)
     src_t = torch.from_numpy(src)
     if select:
-        return t.index_select(dim, src_t)  # a new tensor already: nothing shares its storage
+        if scratch is None:
+            return t.index_select(dim, src_t)  # a new tensor already: nothing shares its storage
+        shape = list(t.shape)
+        shape[dim] = len(src)
+        return torch.index_select(t, dim, src_t, out=scratch.take(shape, t.dtype))
     shape = list(t.shape)
     shape[dim] = size
     to = torch.from_numpy(dest[src])
@@ -216,6 +238,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     applier = _Applier(plan, old_nodes, new)
     owners = dict(new.named_modules(remove_duplicate=False))
     reindexed: set[str] = set()  # modules (qualified names) that own a re-indexed tensor
+    scratch = (_Scratch(), _Scratch())
     with torch.no_grad():
         for p in dg.params:
             owner_name, _, attr = p.key.rpartition(".")
@@ -223,15 +246,13 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
             t = owner._parameters.get(attr)
             if t is None:
                 t = owner._buffers[attr]
-            changed = False
-            for k, ids in enumerate(p.ids):
-                if ids is None or (d := applier.dest(ids)) is None:
-                    continue
-                dest, size, select = d
+            moves = [(k, ids, d) for k, ids in enumerate(p.ids) if ids is not None and (d := applier.dest(ids))]
+            for j, (k, ids, (dest, size, select)) in enumerate(moves):
                 w = plan.weight[dg.label[ids]]
-                t = _reindex(t.detach(), k, dest, size, select, p.roles[k] == "in", w)
-                changed = True
-            if changed:
+                # a step before the last writes reused memory, two buffers in turn (a step reads the one before)
+                into = scratch[j % 2] if j < len(moves) - 1 else None
+                t = _reindex(t.detach(), k, dest, size, select, p.roles[k] == "in", w, into)
+            if moves:
                 _set_on(owner, attr, t)
                 reindexed.update(_prefixes(owner_name))
     for node in new.graph.nodes:

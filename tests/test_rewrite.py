@@ -168,8 +168,8 @@ def test_a_broken_rewrite_is_caught_by_the_shape_check(monkeypatch):
     keep = np.array([True, False, True, True, False, True])
     real = rewrite._reindex
 
-    def producers_only(t, dim, dest, size, select, summed, weights):  # consumer columns left unsliced
-        return t if summed else real(t, dim, dest, size, select, summed, weights)
+    def producers_only(t, dim, dest, size, select, summed, weights, scratch=None):  # consumer columns unsliced
+        return t if summed else real(t, dim, dest, size, select, summed, weights, scratch)
 
     monkeypatch.setattr(rewrite, "_reindex", producers_only)
     with pytest.raises(fxslim.PassError, match="does not run.*'f'"):
@@ -196,3 +196,22 @@ def test_uncompiled_clone_compiles_on_its_own_class():
     assert type(gm).forward is before and "relu" in gm.code and "relu" not in new.code
     y = gm.bn(gm.a(x))
     torch.testing.assert_close(new(x), gm.head(y + gm.f(y)))
+
+
+def test_reindex_through_scratch_buffers_matches_plain_selection():
+    """Steps before the last write alternating scratch buffers (each reads the one before); the last step's
+    result owns its memory, and the values equal plain index_select along every dim."""
+    t = torch.randn(6, 5, 4)
+    dests = [np.array([0, -1, 1, 2, -1, 3]), np.array([-1, 0, 1, -1, 2]), np.array([0, -1, -1, 1])]
+    want = t
+    for dim, dest in enumerate(dests):
+        want = want.index_select(dim, torch.from_numpy(np.flatnonzero(dest >= 0)))
+    scratch = (rewrite._Scratch(), rewrite._Scratch())
+    got = t
+    for dim, dest in enumerate(dests):
+        into = scratch[dim % 2] if dim < len(dests) - 1 else None
+        got = rewrite._reindex(got, dim, dest, int((dest >= 0).sum()), True, False, np.ones(len(dest)), into)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.shape == (4, 3, 2)
+    buffers = {b._buf.untyped_storage().data_ptr() for b in scratch}
+    assert len(buffers) == 2 and got.untyped_storage().data_ptr() not in buffers

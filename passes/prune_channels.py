@@ -9,11 +9,14 @@ objective="latency": every conv / linear / attention layer whose weights a pruna
 measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk) and gets
 an affine model `t = a + b * m` of its seconds against its relative MACs `m` (the product of its weight's
 kept output and input fractions; a depthwise conv's `m` is its kept channel fraction, so a memory-bound layer
-shows its real cost per MAC). The *estimated latency* of a choice of kept widths is the sum of those models
-over the measured layers; the *target* is that estimate at the widths objective="macs" would keep at the
-same `ratio`. Groups then shrink greedily, one step at a time (`round_to` channels, or 1/32 of the group),
-always taking the step with the least importance lost per estimated second saved, never past `max_ratio`
-of a group, until the estimate reaches the target. The importance a step loses is the removed channels'
+shows its real cost per MAC). The memory-bound ops between the layers (norms, activations, elementwise
+arithmetic, pooling: `fxslim.latency_ops`, those onnxruntime fuses into a conv left out) are timed alone
+once at full width and scale with the kept fraction of their output channels. The *estimated latency* of a
+choice of kept widths is the sum of those models over the measured layers and ops; the *target* is that
+estimate at the widths objective="macs" would keep at the same `ratio`. Groups then shrink greedily, one
+step at a time (`round_to` channels, or 1/32 of the group), always taking the step with the least
+importance lost per estimated second saved, never past `max_ratio` of a group, until the estimate reaches
+the target. The importance a step loses is the removed channels'
 mean score over their group's mean (as in global ranking) times the MACs the step removes: with equal
 scores the greedy removes first the MACs that cost the most seconds (depthwise, memory-bound layers), so it
 keeps the most MACs (and importance) for the time it must save. Groups that run through no measured

@@ -14,7 +14,8 @@ interleaved). Per variant: MAC ratio (fxslim's counter, after / before), ORT tim
 MAC = MAC ratio / time ratio (1.0: time falls exactly as MACs do; below 1: MACs fall faster than time).
 --profile adds an onnxruntime per-op profile (share of kernel time per op kind, depthwise convs apart)
 of the original and of each fxslim variant. The first objective="latency" run on a model measures its
-layers (cached in ~/.cache/fxslim/latency.json); later runs read the cache. This tool only measures."""
+layers and the memory-bound ops between them (cached in ~/.cache/fxslim/latency.json); later runs read the
+cache. This tool only measures."""
 
 from __future__ import annotations
 
@@ -317,8 +318,9 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str], wa
         "over the calls, their range in brackets); "
         "*speed per MAC* = MAC ratio / time ratio (1: time falls as MACs do). *prune CPU s* = process CPU "
         "seconds of `fxslim.compress` (for objective latency it includes measuring new layers); *est. ratio* = "
-        "the pass's estimated latency of the measured layers after / before, *new* = layers measured in this run "
-        "(0: all read from the cache). Torch-Pruning: MagnitudePruner L1, ratio 0.5, classifier ignored.",
+        "the pass's estimated latency of the measured layers and memory-bound ops after / before, *new* = layers "
+        "and ops timed in this run (0: all read from the cache). Torch-Pruning: MagnitudePruner L1, ratio 0.5, "
+        "classifier ignored.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),

@@ -536,3 +536,19 @@ def test_unpacked_but_unused_attention_weights_do_not_freeze_the_heads():
 
     dg = fxslim.analyze(Unpacked(), (torch.randn(2, 5, 16),))
     assert sorted(g.size for g in dg.prunable_groups) == [4, 16]
+
+
+def test_dim_groups_looks_up_a_shared_id_array_once_with_the_same_answer():
+    """Dims holding the very same id array and dims holding equal copies give identical (dim, group)
+    pairs, sorted by dim then group; dims of no group give none."""
+    from fxslim.graph.deps import _dim_groups
+
+    label = np.arange(10)
+    atom_group = np.array([0, 0, 1, 1, -1, -1, 2, 0, 2, -1])
+    a, b, c = np.array([0, 1, 2, 3]), np.array([4, 5, 9]), np.array([6, 7, 8, 1])
+    shared = [("n0", 1, a), ("n1", 1, b), ("n2", 1, a), ("n3", 0, c), ("n4", 1, a), ("p", 0, c)]
+    copies = [(n, k, ids.copy()) for n, k, ids in shared]
+    want = [(0, 0), (0, 1), (2, 0), (2, 1), (3, 0), (3, 2), (4, 0), (4, 1), (5, 0), (5, 2)]
+    assert _dim_groups(shared, atom_group, label) == want
+    assert _dim_groups(copies, atom_group, label) == want
+    assert _dim_groups([("n", 0, b)], atom_group, label) == []

@@ -14,11 +14,17 @@ constant of its shape, exported to ONNX and timed by `fxslim.latency.measure` (c
 is subtracted, and the pass scales what is left with the kept fraction of the op's output channels.
 
 View-like ops (reshape, permute, flatten, getitem, ...) do not count: onnxruntime removes most transposes of
-a conv net when it changes the layout. Neither do the ops onnxruntime 1.32 fuses into the conv before them
-(measured with `fxslim.export.op_counts` on the optimised graph): BatchNorm, and ReLU / ReLU6 / Hardtanh /
-Hardsigmoid / Sigmoid / Tanh / LeakyReLU after a conv (directly or through its BatchNorm), and an add that takes
-such a conv output (a residual sum, fused into the NCHWc conv). SiLU, Hardswish and GELU are not fused and
-count. Any other op is left out: the model only ever under-counts, never guesses."""
+a conv net when it changes the layout. Neither do the ops onnxruntime 1.32 fuses into the conv (or 2-D
+linear) before them, checked with `fxslim.export.op_counts` on the optimised graph: BatchNorm after a conv;
+ReLU / ReLU6 / Hardtanh / Hardsigmoid / Hardswish / Sigmoid / Tanh / LeakyReLU after a conv, and ReLU /
+Hardsigmoid / Sigmoid / Tanh / LeakyReLU after a 2-D linear (module, function or method); a multiply of a
+conv output by a constant (a parameter, or a value computed from parameters alone: a folded scale); a
+residual add that takes a conv output (BN and scale folded); and an activation after such an add (ResNet's
+conv → BN → add → ReLU is one fused conv). Each rule needs the value it fuses to be read by nothing else;
+identities of eval mode (dropout, stochastic depth) are looked through. SiLU and GELU are not fused and
+count. Ops outside the lists are left out, and so is an op computed from constants alone. On the six
+models of tools/bench_latency.py the counted ops are exactly the memory-bound ops onnxruntime's optimised
+graph keeps (pooling, SE multiplies, SiLU, LayerNorm, GELU, unfused adds)."""
 
 from __future__ import annotations
 
@@ -84,10 +90,19 @@ _FUNCTIONS = {
     F.max_pool2d,
 }
 _METHODS = {"add", "mul", "sub", "div", "sigmoid", "relu", "tanh", "softmax", "mean"}
-# fused into a conv before them (onnxruntime 1.32, CPU): the activations, BatchNorm, a residual add
-_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU)
-_FUSED_FUNCTIONS = {torch.relu, F.relu, F.relu6, torch.sigmoid, torch.tanh, F.hardsigmoid}
+# activations onnxruntime 1.32 fuses into the conv / the 2-D linear (Gemm) before them, on the CPU
+_CONV_ACTIVATIONS = (
+    (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.LeakyReLU),
+    {torch.relu, F.relu, F.relu6, torch.sigmoid, torch.tanh, F.hardsigmoid, F.hardswish},
+    {"relu", "sigmoid", "tanh"},
+)
+_GEMM_ACTIVATIONS = (
+    (nn.ReLU, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU),
+    {torch.relu, F.relu, torch.sigmoid, torch.tanh, F.hardsigmoid},
+    {"relu", "sigmoid", "tanh"},
+)
 _ADDS = {operator.add, torch.add}
+_MULS = {operator.mul, torch.mul}
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 
@@ -110,36 +125,80 @@ def _counts(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _METHODS
 
 
-def _producer(gm: fx.GraphModule, node) -> fx.Node | None:
-    """The node that computes `node`'s value, looking through identity and dropout modules."""
-    while isinstance(node, fx.Node) and isinstance(_module(gm, node), _PASS_THROUGH) and node.args:
+def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Identity in eval: identity and dropout modules, torchvision's stochastic depth with training=False."""
+    if isinstance(_module(gm, node), _PASS_THROUGH):
+        return bool(node.args)
+    return (
+        node.op == "call_function"
+        and getattr(node.target, "__name__", "") == "stochastic_depth"
+        and len(node.args) == 4
+        and node.args[3] is False
+    )
+
+
+def _sole_value(gm: fx.GraphModule, node) -> fx.Node | None:
+    """The node that computes `node`'s value, looking through ops that are identities in eval, when that
+    value is read by one node only (onnxruntime fuses an op into its producer only then); else None."""
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        if not _passes_through(gm, node):
+            return node
         node = node.args[0]
-    return node if isinstance(node, fx.Node) else None
+    return None
 
 
-def _from_conv(gm: fx.GraphModule, node) -> bool:
-    """True when `node` is a conv's output, directly or through the conv's BatchNorm, read by no other node
-    (onnxruntime fuses an op into the conv only then)."""
-    node = _producer(gm, node)
-    if node is None or len(node.users) != 1:
+def _is_activation(gm: fx.GraphModule, node: fx.Node, kinds: tuple) -> bool:
+    modules, functions, methods = kinds
+    return (
+        isinstance(_module(gm, node), modules)
+        or (node.op == "call_function" and node.target in functions)
+        or (node.op == "call_method" and node.target in methods)
+    )
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")
+
+
+def _constant(node) -> bool:
+    """A parameter or buffer, or a value computed from those alone (onnxruntime folds it to a constant)."""
+    if not isinstance(node, fx.Node):
         return False
-    mod = _module(gm, node)
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        node = _producer(gm, node.args[0])
-        mod = _module(gm, node) if node is not None and len(node.users) == 1 else None
-    return isinstance(mod, (nn.Conv1d, nn.Conv2d))
+    return node.op == "get_attr" or (
+        node.op in ("call_function", "call_method", "call_module")
+        and bool(node.all_input_nodes)
+        and all(_constant(a) for a in node.all_input_nodes)
+    )
+
+
+def _conv_affine(gm: fx.GraphModule, node) -> bool:
+    """True when `node`'s value, read by nothing else, is a conv output with what onnxruntime folds into the
+    conv's weights: its BatchNorm, a per-channel scale by a parameter."""
+    node = _sole_value(gm, node)
+    if node is None:
+        return False
+    return isinstance(_module(gm, node), (nn.Conv1d, nn.Conv2d)) or (_fused(gm, node) and not _is_add(node))
 
 
 def _fused(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether onnxruntime fuses `node` into the conv (or 2-D linear) whose output it takes."""
     mod = _module(gm, node)
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        src = _producer(gm, node.args[0])
-        return src is not None and len(src.users) == 1 and isinstance(_module(gm, src), (nn.Conv1d, nn.Conv2d))
     first = node.args[0] if node.args else None
-    if isinstance(mod, _FUSED_ACTIVATIONS) or (node.op == "call_function" and node.target in _FUSED_FUNCTIONS):
-        return _from_conv(gm, first)
-    if node.op == "call_function" and node.target in _ADDS:
-        return any(_from_conv(gm, a) for a in node.args[:2])
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        src = _sole_value(gm, first)
+        return src is not None and isinstance(_module(gm, src), (nn.Conv1d, nn.Conv2d))
+    src = _sole_value(gm, first)
+    if _is_activation(gm, node, _GEMM_ACTIVATIONS) and src is not None:
+        if isinstance(_module(gm, src), nn.Linear) and len(_float_shape(src) or ()) == 2:
+            return True
+    if _is_activation(gm, node, _CONV_ACTIVATIONS):
+        return _conv_affine(gm, first) or (src is not None and _is_add(src) and _fused(gm, src))
+    if _is_add(node):
+        return any(_conv_affine(gm, a) for a in node.args[:2])
+    if node.op == "call_function" and node.target in _MULS and len(node.args) == 2:
+        consts = [a for a in node.args if _constant(a)]
+        others = [a for a in node.args if a not in consts]
+        return len(consts) == 1 and len(others) == 1 and _conv_affine(gm, others[0])  # a folded scale
     return False
 
 
@@ -150,6 +209,7 @@ def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
         for n in gm.graph.nodes
         if _counts(gm, n)
         and _float_shape(n) is not None
+        and not _constant(n)  # fed by the graph, not by constants alone
         and all(_float_shape(a) is not None for a in n.all_input_nodes if a.op != "get_attr")
         and not _fused(gm, n)
     ]
@@ -186,8 +246,8 @@ def _standalone(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModule, tupl
     else:
         what = getattr(node.target, "__name__", str(node.target))
     graph.output(new)
-    constants = [repr(a) for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
-    key = f"op {node.op} {what} ({', '.join(constants)}) @ {' '.join(parts)} ort={ort.__version__}"
+    arguments = fx.node.map_arg((node.args, node.kwargs), lambda _: "*")  # tensors as *, named options kept
+    key = f"op {node.op} {what} {arguments!r} @ {' '.join(parts)} ort={ort.__version__}"
     return fx.GraphModule(root, graph), first, key
 
 

@@ -529,7 +529,8 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
     sizes = np.array([g.size for g in groups], dtype=np.float64)
     uniform = np.array([g.size - _quota(g, ratio) for g in groups], dtype=np.float64)
     target = model.seconds(uniform / sizes)
-    touched = (model.n0 > 0).any(axis=0) | (model.n1 > 0).any(axis=0)
+    layers = len(model.layers) - model.ops  # a group that runs through ops alone has no MACs to price: uniform
+    touched = (model.n0[:layers] > 0).any(axis=0) | (model.n1[:layers] > 0).any(axis=0)
     levels, lost = [], []
     for g, u in zip(groups, units, strict=True):
         levels.append(np.unique(_levels(g, int(u), max_ratio))[::-1])
@@ -537,6 +538,10 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
         lost.append(np.r_[0.0, np.cumsum(s / (s.mean() + 1e-12))])  # importance lost by removing the n lowest
     pos = np.zeros(len(groups), dtype=np.int64)
     kept = sizes.copy()
+    # groups no measured layer depends on lose `ratio`, as with objective="macs" (from the start: the ops
+    # they run through are in the estimate)
+    for j in np.flatnonzero(~touched):
+        kept[j] = uniform[j] if round_to == 1 else _round_kept(groups[j], int(uniform[j]), int(units[j]))
     estimate = model.seconds(kept / sizes)
     steps = 0
     while estimate > target:
@@ -559,9 +564,6 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
         kept[j] = nxt[j]
         estimate = model.seconds(kept / sizes)
         steps += 1
-    # groups no measured layer depends on lose `ratio`, as with objective="macs"
-    for j in np.flatnonzero(~touched):
-        kept[j] = uniform[j] if round_to == 1 else _round_kept(groups[j], int(uniform[j]), int(units[j]))
     kept = kept.astype(np.int64)
     record = {
         "latency": {

@@ -17,6 +17,7 @@ from fxslim.graph.deps import analyze
 from fxslim.graph.shape import propagate
 from fxslim.latency import LatencyTable
 from fxslim.latency_ops import _standalone, op_nodes, op_seconds, overhead_seconds
+from fxslim.pass_api import PassContext
 from fxslim.passes import prune_channels
 
 
@@ -28,7 +29,7 @@ class Net(nn.Module):
         self.act1 = nn.ReLU(inplace=True)  # after conv + BN, single user: fused
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
         self.drop = nn.Dropout(0.1)
-        self.act2 = nn.Hardswish()  # after conv (through dropout) but not fused by onnxruntime: counts
+        self.act2 = nn.SiLU()  # after a conv (through dropout, an identity in eval), not fused: counts
         self.c3 = nn.Conv2d(8, 8, 1)
         self.c4 = nn.Conv2d(8, 8, 1)
         self.norm = nn.LayerNorm(8)
@@ -135,3 +136,95 @@ def test_an_op_steers_the_greedy_to_its_group():
         sum((1 - math.floor(0.25 * g.size) / g.size) * w for g, w in zip(groups, (10.0, 1.0), strict=True))
     )
     assert kept[1] == groups[1].size and kept[0] < groups[0].size
+
+
+class Fusions(nn.Module):
+    """What onnxruntime fuses: conv -> BN -> add -> ReLU (a bottleneck's tail), conv -> .relu() (method), a
+    conv output times a parameter and then times a constant computed from one, a 2-D linear -> ReLU; and an op
+    fed by a parameter alone is no op of the graph. Only the mean is left (onnxruntime's optimised graph:
+    Conv x4, ReduceMean, FusedGemm and layout reorders)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.gate = nn.Parameter(torch.zeros(8, 1, 1))
+        self.scale = nn.Parameter(torch.ones(8, 1, 1))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.c0(x))
+        y = torch.relu(self.bn(self.c1(h)) + h)  # BN, add and ReLU all fused into c1
+        y = self.c2(y).relu()  # method form: fused
+        y = self.c3(y) * self.scale  # folded into c3
+        y = y * torch.sigmoid(self.gate)  # a constant (sigmoid of a parameter): folded as well
+        return F.relu(self.fc(y.mean((2, 3))))  # mean counts; ReLU after a 2-D linear is fused
+
+
+def test_fusion_rules_follow_onnxruntime():
+    torch.manual_seed(0)
+    gm = fxslim.trace(Fusions().eval())
+    propagate(gm, (torch.randn(1, 8, 5, 5),))
+    assert [n.name for n in op_nodes(gm)] == ["mean"]
+
+
+def test_cache_key_names_options_and_not_nodes():
+    class Pools(nn.Module):
+        def forward(self, x):
+            a = F.avg_pool2d(x, 3, stride=1)
+            b = F.avg_pool2d(x, 3, padding=1)
+            c = F.avg_pool2d(x, 3, stride=1)  # the same op as a, another node
+            return torch.cat([a, a], 1), torch.cat([c, c], 1), b
+
+    gm = fxslim.trace(Pools())
+    propagate(gm, (torch.randn(1, 4, 8, 8),))
+    keys = {n.name: _standalone(gm, n)[2] for n in gm.graph.nodes if n.op == "call_function"}
+    assert keys["avg_pool2d"] != keys["avg_pool2d_1"]
+    assert "'stride': 1" in keys["avg_pool2d"] and "'padding': 1" in keys["avg_pool2d_1"]
+    assert keys["cat"] == keys["cat_1"] and keys["avg_pool2d"] == keys["avg_pool2d_2"]  # node names never enter
+
+
+class Transposed(nn.Module):
+    """Group A (16) runs through the measured conv; group B (16) only through GELU and transposed convs,
+    which the latency model does not time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.up1 = nn.ConvTranspose2d(16, 16, 2, stride=2)
+        self.up2 = nn.ConvTranspose2d(16, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up2(F.gelu(self.up1(F.gelu(self.conv(x)))))
+
+
+def test_a_group_with_ops_alone_loses_the_uniform_ratio(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxslim.trace(Transposed().eval())
+    res = prune_channels.run(
+        gm, PassContext(example_inputs=(x,)), ratio=0.25, objective="latency", latency_table=str(tmp_path / "t.json")
+    )
+    lat = res.record["latency"]
+    assert (lat["layers"], lat["ops"]) == (1, 2)
+    kept = {g["members"][0].split("[")[0].split(".")[0]: g["kept"] for g in res.record["per_group"]}
+    assert res.module.up1.out_channels == 16 - math.floor(0.25 * 16)  # group B: uniform, never priced at 0
+    assert res.module(x).shape == (1, 4, 32, 32), kept
+
+
+@pytest.mark.parametrize(
+    "layers,counted",
+    [
+        ([nn.Conv2d(4, 8, 1), nn.Hardswish(), nn.Conv2d(8, 4, 1)], []),  # fused into the conv
+        ([nn.Flatten(), nn.Linear(36, 8), nn.Hardswish(), nn.Linear(8, 4)], ["2"]),  # Gemm: HardSigmoid + Mul
+        ([nn.Flatten(), nn.Linear(36, 8), nn.ReLU6(), nn.Linear(8, 4)], ["2"]),  # Gemm: a separate Clip
+        ([nn.Flatten(), nn.Linear(36, 8), nn.Sigmoid(), nn.Linear(8, 4)], []),  # FusedGemm
+    ],
+)
+def test_activations_fused_by_conv_and_by_gemm_differ(layers, counted):
+    gm = fxslim.trace(nn.Sequential(*layers).eval())
+    propagate(gm, (torch.randn(1, 4, 3, 3),))
+    assert [n.target for n in op_nodes(gm)] == counted

@@ -187,11 +187,14 @@ class _Scratch:
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
 
-    def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape: list[int], like: torch.Tensor) -> torch.Tensor:
+        """A view of `shape` with the dtype and device of `like`, reusing the buffer when it fits."""
         n = math.prod(shape)
-        if self._buf is None or self._buf.dtype != dtype or self._buf.numel() < n:
-            self._buf = torch.empty(max(n, 0 if self._buf is None else self._buf.numel()), dtype=dtype)
-        return self._buf[:n].view(shape)
+        buf = self._buf
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
+            size = n if buf is None or buf.dtype != like.dtype or buf.device != like.device else max(n, buf.numel())
+            self._buf = buf = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: bool, summed: bool,
@@ -205,7 +208,7 @@ def _reindex(t: torch.Tensor, dim: int, dest: np.ndarray, size: int, select: boo
             return t.index_select(dim, src_t)  # a new tensor already: nothing shares its storage
         shape = list(t.shape)
         shape[dim] = len(src)
-        return torch.index_select(t, dim, src_t, out=scratch.take(shape, t.dtype))
+        return torch.index_select(t, dim, src_t.to(t.device), out=scratch.take(shape, t))
     shape = list(t.shape)
     shape[dim] = size
     to = torch.from_numpy(dest[src])

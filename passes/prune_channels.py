@@ -69,6 +69,7 @@ def run(
     objective: str = "macs",
     max_ratio: float | None = None,
     latency_table: str | None = None,
+    latency_check: bool = False,
     reconstruct: bool = False,
     calib_batches: int = 8,
 ) -> PassResult:
@@ -81,13 +82,17 @@ def run(
     groups shrink, down to the estimated latency that `ratio` gives with "macs").
     max_ratio: objective="latency": the most any group may lose (default (1 + ratio) / 2).
     latency_table: objective="latency": JSON file of measured layer latencies (default: the on-disk cache).
+    latency_check: objective="latency": time the whole pruned model against the one objective="macs" gives
+    (same ratio and round_to; onnxruntime, one thread, interleaved) and keep the faster: the estimate sums
+    layers and ops timed alone, which can misjudge a whole model (small inputs, where fixed per-run overhead
+    dominates a layer timed alone). Costs two exports and a few seconds of timing.
     reconstruct: re-fit every conv/linear whose inputs lost channels by least squares to the unpruned
     layer's outputs, on the first `calib_batches` batches of data (`fxslim.reconstruct`; needs data)."""
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise RecipeError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in CRITERIA:
         raise RecipeError(f"importance={importance!r}; valid: {', '.join(CRITERIA)}")
-    _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table)
+    _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table, latency_check)
     check_calib_batches(f"pass {NAME!r}", calib_batches)
     data = ctx.require_data(NAME) if reconstruct else None
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
@@ -96,22 +101,22 @@ def run(
         raise PassError(f"no prunable group in {type(gm).__name__}:\n{dg.summary()}")
     scores = atom_scores(dg, importance, ctx.seed)
     extra: dict = {}
+    new = None
     if objective == "latency":
         model = LatencyModel.measure(dg, groups, latency_table)
         kept, extra = _choose_latency(groups, scores, model, ratio, round_to, max_ratio, dg)
         drop = _drop_lowest(groups, scores, kept)
+        if latency_check:
+            uniform = _uniform_drop(dg, groups, scores, ratio, False, round_to)
+            drop, new, extra["latency"]["check"] = _faster(gm, dg, scores, drop, uniform, ctx.example_inputs)
     else:
-        drop = _select_global(groups, scores, ratio) if global_ranking else _select_per_group(groups, scores, ratio)
-        if round_to > 1:
-            drop = _drop_lowest(groups, scores, _rounded_kept(groups, drop, _units(dg, groups, round_to)))
-    plan = ChannelPlan(dg)
-    plan.target[drop] = -1
-    _keep_one_per_dim(dg, plan, scores)
+        drop = _uniform_drop(dg, groups, scores, ratio, global_ranking, round_to)
+    plan = _plan(dg, drop, scores)
     removed = {g.index: int((plan.target[g.atoms] < 0).sum()) for g in groups}
     ctx.debug("prune_channels: %s", {g.index: (g.size, removed[g.index]) for g in groups})
     if not any(removed.values()):
         return PassResult(gm, False, {"groups": len(groups), "removed": 0, **extra})
-    new = apply_plan(gm, plan)
+    new = apply_plan(gm, plan) if new is None else new
     if reconstruct:
         extra["reconstructed"] = refit_after_pruning(new, gm, plan, data, calib_batches, ctx.seed)
     return PassResult(
@@ -135,7 +140,49 @@ def run(
     )
 
 
-def _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table) -> None:
+def _uniform_drop(dg, groups, scores, ratio, global_ranking, round_to) -> np.ndarray:
+    """The atoms objective="macs" removes: `ratio` of each group (or of one global ranking), rounded."""
+    drop = _select_global(groups, scores, ratio) if global_ranking else _select_per_group(groups, scores, ratio)
+    if round_to > 1:
+        drop = _drop_lowest(groups, scores, _rounded_kept(groups, drop, _units(dg, groups, round_to)))
+    return drop
+
+
+def _plan(dg: DependencyGraph, drop: np.ndarray, scores: np.ndarray) -> ChannelPlan:
+    plan = ChannelPlan(dg)
+    plan.target[drop] = -1
+    _keep_one_per_dim(dg, plan, scores)
+    return plan
+
+
+def _faster(gm, dg, scores, drop, uniform, example_inputs) -> tuple[np.ndarray, fx.GraphModule, dict]:
+    """Of the latency objective's cut and the uniform one, the one whose whole pruned model runs faster in
+    onnxruntime (median process CPU time, one thread, the two interleaved); its atoms, its module, a record."""
+    import tempfile
+    from pathlib import Path
+
+    from fxslim.errors import ExportError
+    from fxslim.export import export_onnx, ort_latency
+
+    modules = {
+        "latency": apply_plan(gm, _plan(dg, drop, scores)),
+        "uniform": apply_plan(gm, _plan(dg, uniform, scores)),
+    }
+    with tempfile.TemporaryDirectory(prefix="fxslim-latency-check-") as tmp:
+        paths = {}
+        try:
+            for name, module in modules.items():
+                paths[name] = Path(tmp) / f"{name}.onnx"
+                export_onnx(module, example_inputs, paths[name])
+        except ExportError as exc:  # keep the estimate's choice: it cannot be checked
+            return drop, modules["latency"], {"kept": "latency", "error": str(exc).splitlines()[0][:200]}
+        seconds = ort_latency(paths, example_inputs, budget_s=2.0)
+    keep = "latency" if seconds["latency"] <= seconds["uniform"] else "uniform"
+    record = {"kept": keep, "latency_s": seconds["latency"], "uniform_s": seconds["uniform"]}
+    return (drop if keep == "latency" else uniform), modules[keep], record
+
+
+def _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table, latency_check) -> None:
     where = f"pass {NAME!r}"
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise RecipeError(f"{where}: round_to={round_to!r} must be an integer >= 1")
@@ -143,8 +190,10 @@ def _check_options(ratio, global_ranking, round_to, objective, max_ratio, latenc
         raise RecipeError(f"{where}: objective={objective!r}; valid: {', '.join(OBJECTIVES)}")
     if objective == "latency" and global_ranking:
         raise RecipeError(f"{where}: global_ranking applies to objective='macs' only (latency ranks globally)")
-    if objective != "latency" and (max_ratio is not None or latency_table is not None):
-        raise RecipeError(f"{where}: max_ratio and latency_table apply to objective='latency' only")
+    if objective != "latency" and (max_ratio is not None or latency_table is not None or latency_check):
+        raise RecipeError(f"{where}: max_ratio, latency_table and latency_check apply to objective='latency' only")
+    if not isinstance(latency_check, bool):
+        raise RecipeError(f"{where}: latency_check={latency_check!r} must be true or false")
     if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not ratio <= max_ratio < 1):
         raise RecipeError(f"{where}: max_ratio={max_ratio!r} must be in [ratio, 1) = [{ratio}, 1)")
     if latency_table is not None and not isinstance(latency_table, str):

@@ -236,6 +236,39 @@ def test_latency_greedy_pays_where_seconds_are_cheapest():
     assert kept[1] == groups[1].size and kept[0] < groups[0].size
 
 
+@pytest.mark.parametrize("faster", ["latency", "uniform"])
+def test_latency_check_keeps_the_faster_whole_model(measured, monkeypatch, faster):
+    """latency_check times both whole pruned models; with onnxruntime's verdict fixed, the pass returns
+    exactly the latency objective's widths or exactly objective="macs"'s."""
+    gm, table, first, _ = measured
+    import fxslim.export
+
+    def fake(paths, inputs, **kwargs):
+        assert set(paths) == {"latency", "uniform"} and all(p.exists() for p in paths.values())
+        return {name: (1.0 if name == faster else 2.0) for name in paths}
+
+    monkeypatch.setattr(fxslim.export, "ort_latency", fake)
+    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True)
+    check = res.record["latency"]["check"]
+    assert check == {
+        "kept": faster,
+        "latency_s": 1.0 if faster == "latency" else 2.0,
+        "uniform_s": 1.0 if faster == "uniform" else 2.0,
+    }
+    want = first if faster == "latency" else prune(gm, ratio=0.5)
+    assert widths(res.module) == widths(want.module)
+    torch.testing.assert_close(res.module(X), want.module(X), rtol=0, atol=0)
+
+
+def test_latency_check_with_real_timing(measured):
+    gm, table, _, _ = measured
+    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True)
+    check = res.record["latency"]["check"]
+    assert check["kept"] in ("latency", "uniform") and check["latency_s"] > 0 and check["uniform_s"] > 0
+    assert (check["kept"] == "latency") == (check["latency_s"] <= check["uniform_s"])
+    assert res.module(X).shape == (1, 10)
+
+
 # ---- options -------------------------------------------------------------------------------------------
 
 
@@ -251,6 +284,8 @@ def test_latency_greedy_pays_where_seconds_are_cheapest():
         ({"objective": "latency", "max_ratio": 0.2}, "max_ratio"),
         ({"objective": "latency", "max_ratio": 1.0}, "max_ratio"),
         ({"objective": "latency", "latency_table": 3}, "latency_table"),
+        ({"latency_check": True}, "latency_check"),
+        ({"objective": "latency", "latency_check": 1}, "latency_check"),
     ],
 )
 def test_bad_options_are_recipe_errors(options, match):

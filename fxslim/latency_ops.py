@@ -160,27 +160,30 @@ def _is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")
 
 
-def _constant(node) -> bool:
-    """A parameter or buffer, or a value computed from those alone (onnxruntime folds it to a constant)."""
-    if not isinstance(node, fx.Node):
-        return False
-    return node.op == "get_attr" or (
-        node.op in ("call_function", "call_method", "call_module")
-        and bool(node.all_input_nodes)
-        and all(_constant(a) for a in node.all_input_nodes)
-    )
+def _constants(gm: fx.GraphModule) -> set[fx.Node]:
+    """Parameters and buffers, and the values computed from those alone (onnxruntime folds them to
+    constants): one pass in graph order."""
+    found: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (
+            n.op in ("call_function", "call_method", "call_module")
+            and n.all_input_nodes
+            and all(a in found for a in n.all_input_nodes)
+        ):
+            found.add(n)
+    return found
 
 
-def _conv_affine(gm: fx.GraphModule, node) -> bool:
+def _conv_affine(gm: fx.GraphModule, node, consts: set) -> bool:
     """True when `node`'s value, read by nothing else, is a conv output with what onnxruntime folds into the
     conv's weights: its BatchNorm, a per-channel scale by a parameter."""
     node = _sole_value(gm, node)
     if node is None:
         return False
-    return isinstance(_module(gm, node), (nn.Conv1d, nn.Conv2d)) or (_fused(gm, node) and not _is_add(node))
+    return isinstance(_module(gm, node), (nn.Conv1d, nn.Conv2d)) or (_fused(gm, node, consts) and not _is_add(node))
 
 
-def _fused(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _fused(gm: fx.GraphModule, node: fx.Node, consts: set) -> bool:
     """Whether onnxruntime fuses `node` into the conv (or 2-D linear) whose output it takes."""
     mod = _module(gm, node)
     first = node.args[0] if node.args else None
@@ -192,26 +195,27 @@ def _fused(gm: fx.GraphModule, node: fx.Node) -> bool:
         if isinstance(_module(gm, src), nn.Linear) and len(_float_shape(src) or ()) == 2:
             return True
     if _is_activation(gm, node, _CONV_ACTIVATIONS):
-        return _conv_affine(gm, first) or (src is not None and _is_add(src) and _fused(gm, src))
+        return _conv_affine(gm, first, consts) or (src is not None and _is_add(src) and _fused(gm, src, consts))
     if _is_add(node):
-        return any(_conv_affine(gm, a) for a in node.args[:2])
+        return any(_conv_affine(gm, a, consts) for a in node.args[:2])
     if node.op == "call_function" and node.target in _MULS and len(node.args) == 2:
-        consts = [a for a in node.args if _constant(a)]
-        others = [a for a in node.args if a not in consts]
-        return len(consts) == 1 and len(others) == 1 and _conv_affine(gm, others[0])  # a folded scale
+        scale = [a for a in node.args if isinstance(a, fx.Node) and a in consts]
+        others = [a for a in node.args if a not in scale]
+        return len(scale) == 1 and len(others) == 1 and _conv_affine(gm, others[0], consts)  # a folded scale
     return False
 
 
 def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The memory-bound nodes the latency model counts, in graph order (float outputs only)."""
+    consts = _constants(gm)
     return [
         n
         for n in gm.graph.nodes
         if _counts(gm, n)
         and _float_shape(n) is not None
-        and not _constant(n)  # fed by the graph, not by constants alone
+        and n not in consts  # fed by the graph, not by constants alone
         and all(_float_shape(a) is not None for a in n.all_input_nodes if a.op != "get_attr")
-        and not _fused(gm, n)
+        and not _fused(gm, n, consts)
     ]
 
 

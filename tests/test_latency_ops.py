@@ -5,6 +5,7 @@ subtracted, in-place ops made safe), and that such an op steers objective="laten
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +229,12 @@ def test_activations_fused_by_conv_and_by_gemm_differ(layers, counted):
     gm = fxslim.trace(nn.Sequential(*layers).eval())
     propagate(gm, (torch.randn(1, 4, 3, 3),))
     assert [n.target for n in op_nodes(gm)] == counted
+
+
+def test_a_graph_deeper_than_the_recursion_limit():
+    """Whether an op is computed from constants alone is found in one pass over the graph, not by recursing
+    through its inputs (EfficientNetV2 is deeper than Python's recursion limit)."""
+    depth = sys.getrecursionlimit() + 200
+    gm = fxslim.trace(nn.Sequential(nn.Conv2d(3, 4, 1), *[nn.GELU() for _ in range(depth)]).eval())
+    propagate(gm, (torch.randn(1, 3, 2, 2),))
+    assert len(op_nodes(gm)) == depth

@@ -94,12 +94,14 @@ def module_latency(
     budget_s: float = 0.2,
     refresh: bool = False,
     save: bool = True,
+    key: str | None = None,
 ) -> float:
     """Seconds per run of `module` on `input_shape` on this machine, from `table` (default: the on-disk
     cache) or measured and stored there. refresh=True measures again; save=False leaves the file alone
-    (call `table.save()` after a batch of measurements)."""
+    (call `table.save()` after a batch of measurements); `key` replaces `latency_key(module, input_shape)`
+    for a module whose repr does not say what it computes (a one-node GraphModule)."""
     table = default_table() if table is None else table
-    key = latency_key(module, input_shape)
+    key = latency_key(module, input_shape) if key is None else key
     seconds = None if refresh else table.get(key)
     if seconds is None:
         seconds = measure(module, input_shape, budget_s=budget_s)

@@ -9,7 +9,7 @@ the greedy blind to which groups carry them.
 
 `op_nodes(gm)` lists the nodes that count and `op_seconds(gm, node, table)` times one of them alone: the node
 copied into a graph of its own, its first tensor input fed at its recorded shape, any other tensor input a
-constant of its shape, exported to ONNX and timed by `fxslim.latency.measure` (cached in the same
+constant of its shape, exported to ONNX and timed by `fxslim.latency.module_latency` (cached in the same
 `LatencyTable` as the layers). The time of an op on a one-element tensor (the per-run overhead of a session)
 is subtracted, and the pass scales what is left with the kept fraction of the op's output channels.
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxslim.latency import LatencyTable, measure
+from fxslim.latency import LatencyTable, module_latency
 
 _MODULES: tuple[type, ...] = (
     nn.LayerNorm,
@@ -185,12 +185,10 @@ def _conv_affine(gm: fx.GraphModule, node, consts: set) -> bool:
 
 def _fused(gm: fx.GraphModule, node: fx.Node, consts: set) -> bool:
     """Whether onnxruntime fuses `node` into the conv (or 2-D linear) whose output it takes."""
-    mod = _module(gm, node)
     first = node.args[0] if node.args else None
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        src = _sole_value(gm, first)
-        return src is not None and isinstance(_module(gm, src), (nn.Conv1d, nn.Conv2d))
     src = _sole_value(gm, first)
+    if isinstance(_module(gm, node), (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return src is not None and isinstance(_module(gm, src), (nn.Conv1d, nn.Conv2d))
     if _is_activation(gm, node, _GEMM_ACTIVATIONS) and src is not None:
         if isinstance(_module(gm, src), nn.Linear) and len(_float_shape(src) or ()) == 2:
             return True
@@ -270,20 +268,13 @@ class _Neg(nn.Module):
 def overhead_seconds(table: LatencyTable, budget_s: float = 0.2) -> float:
     """Seconds of one onnxruntime run of a one-element op: what every standalone timing includes."""
     key = f"op overhead @ (1,) ort={ort.__version__}"
-    seconds = table.get(key)
-    if seconds is None:
-        seconds = measure(_Neg(), (1,), budget_s=budget_s)
-        table.put(key, seconds)
-    return seconds
+    return module_latency(_Neg(), (1,), table=table, budget_s=budget_s, save=False, key=key)
 
 
 def op_seconds(gm: fx.GraphModule, node: fx.Node, table: LatencyTable, budget_s: float = 0.2) -> tuple[float, bool]:
     """Seconds `node` adds to a run (its standalone time less the per-run overhead, at least 0), and whether
     the table already held it."""
     module, shape, key = _standalone(gm, node)
-    seconds = table.get(key)
-    hit = seconds is not None
-    if not hit:
-        seconds = measure(module, shape, budget_s=budget_s)
-        table.put(key, seconds)
+    hit = table.get(key) is not None
+    seconds = module_latency(module, shape, table=table, budget_s=budget_s, save=False, key=key)
     return max(0.0, seconds - overhead_seconds(table, budget_s)), hit

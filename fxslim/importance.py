@@ -14,6 +14,7 @@ import torch
 
 from fxslim.errors import RecipeError
 from fxslim.graph.deps import DependencyGraph
+from fxslim.scratch import Scratch
 
 CRITERIA = ("l1", "l2", "bn_scale", "random")
 
@@ -26,7 +27,7 @@ def atom_scores(dg: DependencyGraph, criterion: str, seed: int = 0) -> np.ndarra
     if criterion == "random":
         return np.random.default_rng(seed).random(n)
     params = dict(dg.gm.named_parameters())
-    scratch = _Scratch()
+    scratch = Scratch()  # |w| of one weight at a time, in reused memory
     # (atom ids, weights) of every coupled dim, summed by one bincount at the end: a bincount per dim
     # would cost O(atoms) each, quadratic on large graphs
     at, wt, norm_at, norm_wt = [], [], [], []
@@ -35,7 +36,7 @@ def atom_scores(dg: DependencyGraph, criterion: str, seed: int = 0) -> np.ndarra
         if t is None:
             continue
         t = t.detach().float()
-        mag = scratch.magnitude(t, criterion)  # once per tensor, summed per coupled dim below
+        mag = _magnitude(t, criterion, scratch)  # once per tensor, summed per coupled dim below
         coupled = [k for k, ids in enumerate(p.ids) if ids is not None]
         if coupled and mag.dim() > max(coupled) + 1:  # the uncoupled trailing dims (a kernel), summed once
             mag = _sum_trailing(mag, max(coupled) + 1)
@@ -80,18 +81,10 @@ def _bincount(atoms: list[np.ndarray], weights: list[np.ndarray], n: int) -> np.
     return np.bincount(np.concatenate(atoms), weights=np.concatenate(weights), minlength=n)
 
 
-class _Scratch:
-    """|t| or t² of one tensor at a time, written into one reused buffer: a fresh buffer per large weight
-    is a fresh allocation whose pages the kernel must fault in, which cost as much as the arithmetic."""
-
-    def __init__(self) -> None:
-        self.buf = torch.empty(0)
-
-    def magnitude(self, t: torch.Tensor, criterion: str) -> torch.Tensor:
-        if self.buf.numel() < t.numel() or self.buf.device != t.device or self.buf.dtype != t.dtype:
-            self.buf = torch.empty(t.numel(), device=t.device, dtype=t.dtype)
-        out = self.buf[: t.numel()].view(t.shape)
-        return torch.square(t, out=out) if criterion == "l2" else torch.abs(t, out=out)
+def _magnitude(t: torch.Tensor, criterion: str, scratch: Scratch) -> torch.Tensor:
+    """|t| or t² written into `scratch` (valid until its next use)."""
+    out = scratch.take(t.shape, t)
+    return torch.square(t, out=out) if criterion == "l2" else torch.abs(t, out=out)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

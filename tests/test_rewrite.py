@@ -19,6 +19,7 @@ from fxslim.rewrite import (
     replace_module,
     verify_shapes,
 )
+from fxslim.scratch import Scratch
 
 
 class Net(nn.Module):
@@ -206,7 +207,7 @@ def test_reindex_through_scratch_buffers_matches_plain_selection():
     want = t
     for dim, dest in enumerate(dests):
         want = want.index_select(dim, torch.from_numpy(np.flatnonzero(dest >= 0)))
-    scratch = (rewrite._Scratch(), rewrite._Scratch())
+    scratch = (Scratch(), Scratch())
     got = t
     for dim, dest in enumerate(dests):
         into = scratch[dim % 2] if dim < len(dests) - 1 else None

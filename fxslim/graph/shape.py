@@ -12,6 +12,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxslim.errors import AnalysisError
+from fxslim.graph import stand_in
 
 
 class _NodeFailure(Exception):
@@ -68,21 +69,36 @@ def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-def _run_recording(gm: fx.GraphModule, inputs: tuple) -> None:
+class _Unsure(Exception):
+    """Internal: a run with stand-ins met an op whose shape may follow values (`stand_in`); run it plainly."""
+
+
+class _Run:
+    """Per-run state: whether conv/linear stand-ins may be used, and whether one was."""
+
+    __slots__ = ("stand_ins", "used")
+
+    def __init__(self, stand_ins: bool) -> None:
+        self.stand_ins = stand_ins
+        self.used = False
+
+
+def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, run: _Run) -> None:
     """Run `gm`'s graph node by node, as `torch.fx.Interpreter.run` does (same placeholder, attribute, call and
     output semantics), recording each node's metadata as `ShapeProp` does. fx's Interpreter spends most of
     its time per node outside the ops (a context manager, getattr dispatch, an attribute walk per module
     call, a Python contiguity check per tensor); this loop keeps only the calls."""
     graph = gm.graph
     nodes = list(graph.nodes)
-    modules = dict(gm.named_modules(remove_duplicate=False))
     frees = _last_uses(nodes)
     args_iter = iter(graph.process_inputs(*inputs))
     env: dict[fx.Node, Any] = {}
     load = env.__getitem__
     for node in nodes:
         try:
-            value = _run_node(gm, node, modules, env, load, args_iter)
+            value = _run_node(gm, node, modules, env, load, args_iter, run)
+        except _Unsure:
+            raise
         except Exception as e:  # any user-code failure becomes an AnalysisError naming the node
             raise _NodeFailure(node, e) from e
         _record(node, value)
@@ -93,7 +109,7 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple) -> None:
             return
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load, args_iter) -> Any:
+def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load, args_iter, run: _Run) -> Any:
     op = node.op
     if op == "placeholder":
         if str(node.target).startswith("*"):
@@ -106,11 +122,20 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load,
             raise RuntimeError(f"no value passed for input {node.target!r} and it has no default") from si
     args = fx.node.map_arg(node.args, load)
     kwargs = fx.node.map_arg(node.kwargs, load)
+    if run.used and stand_in.index_reads_values(node, args):
+        raise _Unsure(node.name)
     if op == "call_function":
         return node.target(*args, **kwargs)
     if op == "call_module":
         module = modules.get(node.target)
-        return (module if module is not None else _fetch(gm, node.target))(*args, **kwargs)
+        if module is None:
+            module = _fetch(gm, node.target)
+        if run.stand_ins and type(module) in stand_in.LAYERS:
+            value = stand_in.output_of(module, args, kwargs)
+            if value is not None:
+                run.used = True
+                return value
+        return module(*args, **kwargs)
     if op == "call_method":
         self_obj, *rest = args
         return getattr(self_obj, node.target)(*rest, **kwargs)
@@ -171,7 +196,7 @@ def fingerprint(gm: fx.GraphModule, example_inputs: tuple) -> tuple:
     return gm.code, tuple(tensors), tuple(config), inputs
 
 
-def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False) -> None:
+def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False, stand_ins: bool = True) -> None:
     """Annotate every node of `gm` with `meta['tensor_meta']` by running `example_inputs` through it.
 
     reuse=True skips the run when the shapes on the nodes were propagated for this very module state and
@@ -181,7 +206,11 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False)
     Runs in eval mode under `torch.no_grad()` (costs and shapes of the deployed model, no autograd
     memory), then restores each submodule's own `training` flag. Stale `tensor_meta` (copied along with
     nodes by passes) is cleared first so a node never keeps a shape it no longer has. A single tensor is
-    accepted in place of a 1-tuple. Raises `AnalysisError` naming the failing node and the input shapes."""
+    accepted in place of a 1-tuple. Raises `AnalysisError` naming the failing node and the input shapes.
+
+    stand_ins=True records a zero tensor of the computed shape for conv and linear layers instead of running
+    them, where `stand_in` shows that the metadata comes out the same (and runs every node otherwise, or
+    when such a run fails or meets a value-dependent index); stand_ins=False runs every node."""
     inputs = _as_tuple(example_inputs)
     stamp = fingerprint(gm, inputs)
     fresh = all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
@@ -193,9 +222,18 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False)
     training = [m for m in gm.modules() if m.training]  # usually none: traced models are in eval mode
     if training:
         gm.eval()
+    modules = dict(gm.named_modules(remove_duplicate=False))
     try:
         with torch.no_grad():
-            _run_recording(gm, inputs)
+            if stand_ins and stand_in.graph_allows(gm, modules):
+                try:
+                    _run_recording(gm, inputs, modules, _Run(stand_ins=True))
+                except (_Unsure, _NodeFailure):  # run every node: the same shapes, or torch's own error
+                    for node in gm.graph.nodes:
+                        node.meta.pop("tensor_meta", None)
+                    _run_recording(gm, inputs, modules, _Run(stand_ins=False))
+            else:
+                _run_recording(gm, inputs, modules, _Run(stand_ins=False))
     except _NodeFailure as f:
         n = f.node
         raise AnalysisError(

@@ -270,9 +270,9 @@ def _set_on(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
 
 
 def verify_shapes(gm: fx.GraphModule, example_inputs: tuple, applier: _Applier) -> None:
-    """Run shape propagation on the rewritten graph and compare every node with the planned shape. Conv and
-    linear layers are checked by their shapes (`fxslim.graph.stand_in`: input channels against the weight),
-    not run; every other op runs."""
+    """Run shape propagation on the rewritten graph and compare every node with the planned shape. Where
+    shape propagation gives conv and linear layers stand-ins (`fxslim.graph.stand_in`), those are checked
+    by their shapes (input channels against the weight, dtypes, devices), not run; every other op runs."""
     try:
         propagate(gm, example_inputs)
     except Exception as exc:

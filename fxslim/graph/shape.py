@@ -1,5 +1,7 @@
-"""Shape annotation: run the example inputs through a GraphModule once and record each node's output
-metadata in `node.meta['tensor_meta']` (torch.fx's own `ShapeProp` format, so every fx tool can read it).
+"""Shape annotation: run the example inputs through a GraphModule and record each node's output metadata in
+`node.meta['tensor_meta']` (torch.fx's own `ShapeProp` format, so every fx tool can read it). Conv and linear
+layers get zero stand-ins instead of running where their values cannot matter (`stand_in`); a run that
+meets a use where they could is repeated with every node running.
 This file only annotates: it must never change the graph, the parameters, or leave the module in a
 different train/eval state than it found it; a failure is an `AnalysisError` that names the node."""
 
@@ -69,18 +71,13 @@ def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-class _Unsure(Exception):
-    """Internal: a run with stand-ins met an op whose shape may follow values (`stand_in`); run it plainly."""
-
-
 class _Run:
-    """Per-run state: whether conv/linear stand-ins may be used, and whether one was."""
+    """Per-run state: the stand-in values' flow (None: every node runs)."""
 
-    __slots__ = ("stand_ins", "used")
+    __slots__ = ("flow",)
 
     def __init__(self, stand_ins: bool) -> None:
-        self.stand_ins = stand_ins
-        self.used = False
+        self.flow = stand_in.Flow() if stand_ins else None
 
 
 def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, run: _Run) -> None:
@@ -94,11 +91,12 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, run: _Run) 
     args_iter = iter(graph.process_inputs(*inputs))
     env: dict[fx.Node, Any] = {}
     load = env.__getitem__
+    flow = run.flow
     for node in nodes:
+        if flow is not None and flow.started():
+            flow.check(node)  # stand_in.ValuesMatter: run again without stand-ins
         try:
             value = _run_node(gm, node, modules, env, load, args_iter, run)
-        except _Unsure:
-            raise
         except Exception as e:  # any user-code failure becomes an AnalysisError naming the node
             raise _NodeFailure(node, e) from e
         _record(node, value)
@@ -122,18 +120,16 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load,
             raise RuntimeError(f"no value passed for input {node.target!r} and it has no default") from si
     args = fx.node.map_arg(node.args, load)
     kwargs = fx.node.map_arg(node.kwargs, load)
-    if run.used and stand_in.index_reads_values(node, args):
-        raise _Unsure(node.name)
     if op == "call_function":
         return node.target(*args, **kwargs)
     if op == "call_module":
         module = modules.get(node.target)
         if module is None:
             module = _fetch(gm, node.target)
-        if run.stand_ins and type(module) in stand_in.LAYERS:
+        if run.flow is not None and type(module) in stand_in.LAYERS:
             value = stand_in.output_of(module, args, kwargs)
             if value is not None:
-                run.used = True
+                run.flow.add(node)
                 return value
         return module(*args, **kwargs)
     if op == "call_method":
@@ -209,10 +205,11 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False,
     accepted in place of a 1-tuple. Raises `AnalysisError` naming the failing node and the input shapes.
 
     stand_ins=True records a zero tensor of the computed shape for conv and linear layers instead of running
-    them, where `stand_in` shows that the metadata comes out the same (and runs every node otherwise, or
-    when such a run fails or meets a value-dependent index); stand_ins=False runs every node."""
+    them, under `stand_in`'s conditions (allowlisted ops only, stand-in values used as data only); a run
+    whose stand-in values reach any other use, or that fails, is repeated with every node running, so the
+    metadata and errors are the plain run's. stand_ins=False runs every node."""
     inputs = _as_tuple(example_inputs)
-    stamp = fingerprint(gm, inputs)
+    stamp = (fingerprint(gm, inputs), stand_ins)
     fresh = all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
     if reuse and fresh and gm.meta.get(SHAPES_META) == stamp:
         return
@@ -228,9 +225,10 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False,
             if stand_ins and stand_in.graph_allows(gm, modules):
                 try:
                     _run_recording(gm, inputs, modules, _Run(stand_ins=True))
-                except (_Unsure, _NodeFailure):  # run every node: the same shapes, or torch's own error
+                except (stand_in.ValuesMatter, _NodeFailure):  # every node runs: torch's own error, if any
                     for node in gm.graph.nodes:
                         node.meta.pop("tensor_meta", None)
+                        node.meta.pop("type", None)
                     _run_recording(gm, inputs, modules, _Run(stand_ins=False))
             else:
                 _run_recording(gm, inputs, modules, _Run(stand_ins=False))

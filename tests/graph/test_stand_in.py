@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 import fxslim
 from fxslim.errors import AnalysisError
@@ -133,38 +135,114 @@ def test_torchvision_models_get_the_plain_runs_metadata(name, size):
     assert stand_in.graph_allows(gm, dict(gm.named_modules()))
 
 
-class MaskAfterConv(nn.Module):
+class _Conv(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
-    def forward(self, x):
-        y = self.conv(x)
-        return y[y > 0]  # its length follows the conv's values
+
+def _graph(body):
+    """A traced model running `body(conv_output)` after a conv."""
+    model = type("Probe", (_Conv,), {"forward": lambda self, x: body(self.conv(x))})()
+    return model.eval()
 
 
-class NonzeroAfterConv(MaskAfterConv):
-    def forward(self, x):
-        return torch.nonzero(self.conv(x))
+# Each makes a shape (or success) depend on the conv's values, which a zero stand-in would change.
+VALUE_SHAPED = {
+    "mask": lambda y: y[y > 0],
+    "list index": lambda y: y[[y > 0]],
+    "nonzero": lambda y: torch.nonzero(y > 0),
+    "aten nonzero": lambda y: torch.ops.aten.nonzero.default(y > 0),
+    "where(condition=)": lambda y: torch.where(condition=y > 0),
+    "slice by a count": lambda y: y.flatten()[: (y > 0).sum()],
+    "narrow by a count": lambda y: y.flatten().narrow(0, 0, (y > 0).sum()),
+    "arange of a count": lambda y: torch.arange((y > 0).sum()),
+    "zeros of a count": lambda y: torch.zeros((y > 0).sum()),
+    "new_zeros of a count": lambda y: y.new_zeros((y > 0).sum()),
+    "pad by a count": lambda y: F.pad(y, [(y > 0).sum(), 0]),
+    "one_hot": lambda y: F.one_hot(y.argmax(1)),
+    "sparse values": lambda y: y.relu().to_sparse().values(),
+}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SHAPED))
+def test_value_dependent_shapes_after_a_conv_come_out_as_the_plain_run(name):
+    model = _graph(VALUE_SHAPED[name])
+    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+    want = want[0] if isinstance(want, tuple) else want
+    assert 0 < want.shape[0] < 144 or name == "one_hot"  # the zero stand-in would give 0 (or 1 class)
+    plain, fast, gm = _both(model, x)
+    assert fast == plain
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    meta = out.meta["tensor_meta"]
+    assert tuple((meta if isinstance(meta, TensorMetadata) else meta[0]).shape) == tuple(want.shape)
+
+
+def keep_positive(y):  # a user function fx keeps opaque: it may read values
+    return y[y > 0]
+
+
+fx.wrap("keep_positive")
+
+
+def test_an_opaque_user_function_turns_stand_ins_off():
+    gm = fxslim.trace(_graph(lambda y: keep_positive(y)))
+    assert any(n.target is keep_positive for n in gm.graph.nodes)
+    assert not stand_in.graph_allows(gm, dict(gm.named_modules()))
+    plain, fast, _ = _both(_graph(lambda y: keep_positive(y)), torch.randn(1, 3, 6, 6))
+    assert fast == plain
+
+
+def test_an_error_the_plain_run_raises_is_still_raised():
+    conv = nn.Conv2d(3, 4, 3)
+    conv.bias = nn.Parameter(conv.bias.double())
+    gm = fxslim.trace(nn.Sequential(conv))
+    with pytest.raises(AnalysisError, match="node '_0'"):
+        propagate(gm, (torch.randn(1, 3, 6, 6),))
+    emb = _graph(lambda y: nn.functional.embedding((y * 100).long().abs().flatten(1), torch.zeros(4, 2)))
+    with pytest.raises(AnalysisError, match="embedding"):
+        propagate(fxslim.trace(emb), (torch.randn(1, 3, 6, 6),))
+
+
+def test_channels_last_weights_and_instance_forwards_run_the_layer():
+    x = torch.randn(2, 8, 5, 5)
+    for conv in (nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 3, groups=8)):
+        cl = conv.to(memory_format=torch.channels_last)
+        assert cl.weight.is_contiguous()  # size-1 dims: contiguous in both layouts, strides say channels-last
+        assert stand_in.output_of(cl, (x,), {}) is None
+        plain, fast, _ = _both(nn.Sequential(cl).eval(), x)
+        assert fast == plain
+    conv = nn.Conv2d(3, 4, 3)
+    conv.forward = lambda t: F.conv2d(t, conv.weight, conv.bias, padding=1)
+    assert stand_in.output_of(conv, (torch.randn(1, 3, 6, 6),), {}) is None
+
+
+def test_autocast_and_in_place_inputs_turn_stand_ins_off():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    gm = fxslim.trace(model)
+    modules = dict(gm.named_modules())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stand_in.graph_allows(gm, modules)
+    assert stand_in.graph_allows(gm, modules)
+
+    class Shifts(_Conv):
+        def forward(self, x):
+            x.add_(1.0)
+            y = self.conv(x)
+            return y[y > 0]  # would make a run with stand-ins fall back, running add_ twice
+
+    x = torch.zeros(1, 3, 6, 6)
+    shifted = fxslim.trace(Shifts().eval())
+    assert not stand_in.graph_allows(shifted, dict(shifted.named_modules()))
+    propagate(shifted, (x,))
+    assert torch.equal(x, torch.ones(1, 3, 6, 6))
 
 
 class Opaque(nn.Module):  # a leaf of the user's: its code could branch on values
     def forward(self, x):
         return x[:, : int(x.abs().sum() > 0) + 1]
-
-
-def test_value_dependent_shapes_after_a_conv_come_out_as_the_plain_run():
-    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    for model in (MaskAfterConv(), NonzeroAfterConv()):
-        with torch.no_grad():
-            want = tuple(model(x).shape)
-        assert 0 < want[0]
-        plain, fast, gm = _both(model.eval(), x)
-        assert fast == plain
-        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        assert tuple(out.meta["tensor_meta"].shape) == want
-    nz = fxslim.trace(NonzeroAfterConv())
-    assert not stand_in.graph_allows(nz, dict(nz.named_modules()))
 
 
 def test_a_users_leaf_module_turns_stand_ins_off():
@@ -189,3 +267,14 @@ def test_a_layer_that_does_not_fit_is_reported_by_torch_naming_the_node():
     gm = fxslim.trace(Bad())
     with pytest.raises(AnalysisError, match=r"node 'b'.*expected input\[1, 4, 4, 4\] to have 5 channels"):
         propagate(gm, (torch.randn(1, 3, 6, 6),))
+
+
+def test_reuse_tells_a_run_with_stand_ins_from_a_plain_one():
+    gm = fxslim.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    x = torch.randn(1, 3, 6, 6)
+    propagate(gm, (x,))
+    first = [n.meta["tensor_meta"] for n in gm.graph.nodes if n.op != "output"]
+    propagate(gm, (x,), reuse=True)
+    assert all(a is n.meta["tensor_meta"] for a, n in zip(first, gm.graph.nodes, strict=False))
+    propagate(gm, (x,), reuse=True, stand_ins=False)  # asked for a plain run: not the stand-in run's record
+    assert not any(a is n.meta["tensor_meta"] for a, n in zip(first, gm.graph.nodes, strict=False))

@@ -216,9 +216,9 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False,
     gm.meta.pop(SHAPES_META, None)
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)
-    training = [m for m in gm.modules() if m.training]  # usually none: traced models are in eval mode
-    if training:
-        gm.eval()
+    training = [m for m in gm.modules() if m.training]  # usually just the GraphModule root
+    for module in training:  # what gm.eval() does, without a second walk of the module tree
+        module.training = False
     modules = dict(gm.named_modules(remove_duplicate=False))
     try:
         with torch.no_grad():

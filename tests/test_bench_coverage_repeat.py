@@ -46,3 +46,9 @@ def test_ratio_of_minima_pairs_each_tool_with_its_own_fastest_run():
     summary = bc._min_summary([rec])
     assert summary["repeated"] == 1 and summary["median_speedup_min"] == pytest.approx(3.0)
     assert bc._min_summary([{"status": "ok", "compress_cpu_s": 0.2, "tp": {"status": "ok", "cpu_s": 0.5}}]) == {}
+
+
+def test_quick_runs_get_a_shorter_peer_time_limit_unless_one_is_given():
+    assert bc.parse_args(["--quick"]).peer_timeout == 60.0
+    assert bc.parse_args([]).peer_timeout == 300.0
+    assert bc.parse_args(["--quick", "--peer-timeout", "120"]).peer_timeout == 120.0

@@ -9,7 +9,7 @@ by stage (setup, trace, analysis, rewrite, export; timeout or crash for the subp
 line of its message; one model failing never stops the run. This tool only measures: it must never change
 fxslim or work around a failure inside it.
 
-    python tools/bench_coverage.py --quick
+    python tools/bench_coverage.py --quick [--torch-pruning]                 # 14 models, a few minutes
     python tools/bench_coverage.py --json out/coverage.jsonl --write-md      # all 80 classifiers
     python tools/bench_coverage.py --models resnet18,swin_t --ort-latency
 """
@@ -730,7 +730,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="also run the Torch-Pruning package on each model in the same run (make bench-install)",
     )
-    p.add_argument("--peer-timeout", type=float, default=300.0, help="seconds per model for Torch-Pruning")
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        help="seconds per model for Torch-Pruning (default 300; 60 with --quick, so that its time-out on Swin-T "
+        "keeps the quick run within a few minutes)",
+    )
     p.add_argument(
         "--repeat",
         type=int,
@@ -742,7 +747,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-peer", help=argparse.SUPPRESS)
     p.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.peer_timeout is None:
+        args.peer_timeout = 60.0 if args.quick else 300.0
+    return args
 
 
 def _import_checkout() -> None:

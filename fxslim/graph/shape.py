@@ -71,32 +71,23 @@ def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-class _Run:
-    """Per-run state: the stand-in values' flow (None: every node runs)."""
-
-    __slots__ = ("flow",)
-
-    def __init__(self, stand_ins: bool) -> None:
-        self.flow = stand_in.Flow() if stand_ins else None
-
-
-def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, run: _Run) -> None:
+def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, flow: stand_in.Flow | None) -> None:
     """Run `gm`'s graph node by node, as `torch.fx.Interpreter.run` does (same placeholder, attribute, call and
     output semantics), recording each node's metadata as `ShapeProp` does. fx's Interpreter spends most of
     its time per node outside the ops (a context manager, getattr dispatch, an attribute walk per module
-    call, a Python contiguity check per tensor); this loop keeps only the calls."""
+    call, a Python contiguity check per tensor); this loop keeps only the calls. With a `flow`, conv and
+    linear layers get stand-ins where `stand_in.output_of` gives one (None: every node runs)."""
     graph = gm.graph
     nodes = list(graph.nodes)
     frees = _last_uses(nodes)
     args_iter = iter(graph.process_inputs(*inputs))
     env: dict[fx.Node, Any] = {}
     load = env.__getitem__
-    flow = run.flow
     for node in nodes:
         if flow is not None and flow.started():
             flow.check(node)  # stand_in.ValuesMatter: run again without stand-ins
         try:
-            value = _run_node(gm, node, modules, env, load, args_iter, run)
+            value = _run_node(gm, node, modules, env, load, args_iter, flow)
         except Exception as e:  # any user-code failure becomes an AnalysisError naming the node
             raise _NodeFailure(node, e) from e
         _record(node, value)
@@ -107,7 +98,9 @@ def _run_recording(gm: fx.GraphModule, inputs: tuple, modules: dict, run: _Run) 
             return
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load, args_iter, run: _Run) -> Any:
+def _run_node(
+    gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load, args_iter, flow: stand_in.Flow | None
+) -> Any:
     op = node.op
     if op == "placeholder":
         if str(node.target).startswith("*"):
@@ -126,10 +119,10 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, modules: dict, env: dict, load,
         module = modules.get(node.target)
         if module is None:
             module = _fetch(gm, node.target)
-        if run.flow is not None and type(module) in stand_in.LAYERS:
+        if flow is not None and type(module) in stand_in.LAYERS:
             value = stand_in.output_of(module, args, kwargs)
             if value is not None:
-                run.flow.add(node)
+                flow.add(node)
                 return value
         return module(*args, **kwargs)
     if op == "call_method":
@@ -224,14 +217,14 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple, *, reuse: bool = False,
         with torch.no_grad():
             if stand_ins and stand_in.graph_allows(gm, modules):
                 try:
-                    _run_recording(gm, inputs, modules, _Run(stand_ins=True))
+                    _run_recording(gm, inputs, modules, stand_in.Flow())
                 except (stand_in.ValuesMatter, _NodeFailure):  # every node runs: torch's own error, if any
                     for node in gm.graph.nodes:
                         node.meta.pop("tensor_meta", None)
                         node.meta.pop("type", None)
-                    _run_recording(gm, inputs, modules, _Run(stand_ins=False))
+                    _run_recording(gm, inputs, modules, None)
             else:
-                _run_recording(gm, inputs, modules, _Run(stand_ins=False))
+                _run_recording(gm, inputs, modules, None)
     except _NodeFailure as f:
         n = f.node
         raise AnalysisError(

@@ -6,7 +6,8 @@ are removed (never frozen ones, at least one kept, and never the last channel of
 its mean so groups of different scale compare.
 
 objective="latency": every conv / linear / attention layer whose weights a prunable group runs through is
-measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk) and gets
+measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk; with
+`round_to` the pruned channels at multiples of it, as the plan will have them) and gets
 an affine model `t = a + b * m` of its seconds against its relative MACs `m` (the product of its weight's
 kept output and input fractions; a depthwise conv's `m` is its kept channel fraction, so a memory-bound layer
 shows its real cost per MAC). The memory-bound ops between the layers (norms, activations, elementwise
@@ -103,7 +104,7 @@ def run(
     extra: dict = {}
     new = None
     if objective == "latency":
-        model = LatencyModel.measure(dg, groups, latency_table)
+        model = LatencyModel.measure(dg, groups, latency_table, round_to)
         kept, extra = _choose_latency(groups, scores, model, ratio, round_to, max_ratio, dg)
         drop = _drop_lowest(groups, scores, kept)
         if latency_check:
@@ -351,13 +352,15 @@ class LatencyModel:
         return self.b @ lost, self.macs @ lost
 
     @classmethod
-    def measure(cls, dg: DependencyGraph, groups: list[Group], table_path: str | None) -> LatencyModel:
+    def measure(
+        cls, dg: DependencyGraph, groups: list[Group], table_path: str | None, round_to: int = 1
+    ) -> LatencyModel:
         from fxslim.latency import LatencyTable, default_table
 
         table = default_table() if table_path is None else LatencyTable(table_path)
         annotate(dg.gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
         count = _GroupCounter(dg, groups)
-        layers, rows, tally = _measure_layers(dg, count, table)
+        layers, rows, tally = _measure_layers(dg, count, table, round_to)
         ops, op_rows = _measure_ops(dg, count, table, tally)
         table.save()
         if not layers:
@@ -389,8 +392,11 @@ class _GroupCounter:
         return np.zeros(self.n), float(n), n
 
 
-def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table) -> tuple[list[_Layer], list, dict]:
-    """Every conv / linear / attention layer a prunable group runs through, timed at the WIDTHS and fitted."""
+def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table, round_to: int) -> tuple[list[_Layer], list, dict]:
+    """Every conv / linear / attention layer a prunable group runs through, timed at the WIDTHS and fitted.
+    With round_to > 1 the channels the groups hold are timed at multiples of round_to, the widths the plan
+    will have: onnxruntime runs some kernels (depthwise convs) far slower at other widths, and a fit through
+    such a point would misjudge every rounded width."""
     import scipy.optimize
 
     from fxslim.latency import latency_key, module_latency
@@ -408,7 +414,7 @@ def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table) -> tuple[l
             continue
         points = []
         for s in WIDTHS:
-            sizes_s = [int(fixed + max(1, round(s * per.sum()))) if per.any() else n for per, fixed, n in counts]
+            sizes_s = [int(fixed + _width(per.sum(), s, round_to)) if per.any() else n for per, fixed, n in counts]
             module, shape, rel = build(sizes_s)
             hit = table.get(latency_key(module, shape)) is not None
             t = module_latency(module, shape, table=table, save=False)
@@ -424,6 +430,15 @@ def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table) -> tuple[l
         layers.append(_Layer(node.name, _op_kind(gm, node), float(a), float(b), points, macs))
         rows.append(counts)
     return layers, rows, tally
+
+
+def _width(held: float, scale: float, unit: int) -> int:
+    """`scale` of the `held` channels, at least one; the nearest multiple of `unit` (halves up, at least one
+    unit) when `held` spans one."""
+    n = max(1, round(scale * held))
+    if unit > 1 and unit <= held and n < held:
+        n = max(unit, math.floor(n / unit + 0.5) * unit)
+    return int(n)
 
 
 def _measure_ops(dg: DependencyGraph, count: _GroupCounter, table, tally: dict) -> tuple[list[_Layer], list]:

@@ -213,6 +213,43 @@ def test_latency_respects_ignore_and_round_to(measured):
     assert m(X).shape == (1, 10)
 
 
+def test_latency_times_rounded_widths_with_round_to(monkeypatch, tmp_path):
+    """With round_to=8 every layer is timed at the widths the plan can have: the channels a group holds at
+    scale 0.5 and 0.25, each rounded to a multiple of 8 (halves up, at least 8); without it, as scaled."""
+    import fxslim.latency
+    import fxslim.latency_ops
+
+    timed = set()
+
+    def fake(module, shape, **kwargs):
+        layer = module.attention if hasattr(module, "attention") else module
+        if isinstance(layer, nn.Conv2d):
+            timed.add(("conv", layer.in_channels, layer.out_channels, layer.groups))
+        else:
+            timed.add(("linear", layer.in_features, layer.out_features, 1))
+        return 1e-3 * math.prod(shape[1:2]) * getattr(layer, "out_channels", 1)
+
+    monkeypatch.setattr(fxslim.latency, "module_latency", fake)
+    monkeypatch.setattr(fxslim.latency_ops, "op_seconds", lambda gm, node, table: (1e-6, False))
+    table = str(tmp_path / "t.json")
+
+    def widths(round_to):
+        timed.clear()
+        prune(mixed(), ratio=0.5, objective="latency", latency_table=table, round_to=round_to)
+        return set(timed)
+
+    # (in, out, groups) at scales 1, 0.5, 0.25; groups of 16 (stem out = project out), 96, 40 and 24
+    common = {("conv", 3, 16, 1), ("conv", 16, 96, 1), ("conv", 96, 96, 96), ("conv", 96, 16, 1)}
+    common |= {("conv", 16, 40, 1), ("conv", 40, 24, 1), ("linear", 24, 10, 1)}
+    common |= {("conv", 3, 8, 1), ("conv", 8, 48, 1), ("conv", 48, 48, 48), ("conv", 24, 24, 24), ("conv", 48, 8, 1)}
+    rounded = {("conv", 8, 24, 1), ("conv", 24, 8, 1), ("conv", 8, 8, 1), ("conv", 24, 16, 1)}
+    rounded |= {("linear", 16, 10, 1), ("linear", 8, 10, 1)}
+    assert widths(8) == common | rounded  # e.g. dense1 at 0.5: 8 in (16 / 2), 24 out (20 to the nearest 8)
+    plain = {("conv", 8, 20, 1), ("conv", 4, 10, 1), ("conv", 20, 12, 1), ("conv", 10, 6, 1), ("conv", 3, 4, 1)}
+    plain |= {("conv", 4, 24, 1), ("conv", 24, 4, 1), ("linear", 12, 10, 1), ("linear", 6, 10, 1)}
+    assert widths(1) == common | plain
+
+
 def test_latency_greedy_pays_where_seconds_are_cheapest():
     """Two groups of equal importance and equal MACs; layer a (group 0) costs 10x more seconds per MAC:
     group 0 shrinks first and group 1 is left whole when that alone reaches the target."""

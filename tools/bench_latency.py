@@ -3,19 +3,19 @@
     python tools/bench_latency.py --quick
     python tools/bench_latency.py --json out/latency.jsonl --write-md --plot --profile
 
-For ResNet-18/50, MobileNetV3-Large, EfficientNet-B0, ConvNeXt-Tiny and ViT-B/16 (torchvision, random
-init, eval, batch 1; inputs --size, 64x64 by default, ViT-B/16 at --vit-size with image_size the same, 32x32
-by default; `--size 224 --vit-size 224` times them at ImageNet size) it prunes at ratio 0.5 with
-`prune_channels` four ways (objective "macs", "macs" + round_to=8, "latency", "latency" + round_to=8; the
-classifier ignored, as for the peer) and with the Torch-Pruning package (MagnitudePruner, L1, ratio 0.5,
-classifier ignored) where it is installed and works. Every variant and the original are exported to ONNX
-and timed together with `fxslim.export.ort_latency` (median process CPU seconds per run, one ORT thread,
-interleaved). Per variant: MAC ratio (fxslim's counter, after / before), ORT time ratio, and speed per
-MAC = MAC ratio / time ratio (1.0: time falls exactly as MACs do; below 1: MACs fall faster than time).
---profile adds an onnxruntime per-op profile (share of kernel time per op kind, depthwise convs apart)
-of the original and of each fxslim variant. The first objective="latency" run on a model measures its
-layers and the memory-bound ops between them (cached in ~/.cache/fxslim/latency.json); later runs read the
-cache. This tool only measures."""
+For ResNet-18/50, MobileNetV3-Large, EfficientNet-B0, ConvNeXt-Tiny and ViT-B/16 (torchvision, random init,
+eval, batch 1; inputs --size, 64x64 by default, ViT-B/16 at --vit-size with image_size the same, 32x32 by
+default; `--size 224 --vit-size 224` times them at ImageNet size) it prunes at ratio 0.5 with
+`prune_channels` four ways (objective "macs", "macs" + round_to=8, "latency" with round_to=1, "latency" +
+round_to=8, its default; the classifier ignored, as for the peer) and with the Torch-Pruning package
+(MagnitudePruner, L1, ratio 0.5, classifier ignored) where it is installed and works. Every variant and the
+original are exported to ONNX and timed together with `fxslim.export.ort_latency` (median process CPU
+seconds per run, one ORT thread, interleaved). Per variant: MAC ratio (fxslim's counter, after / before),
+ORT time ratio, and speed per MAC = MAC ratio / time ratio (1.0: time falls exactly as MACs do; below 1:
+MACs fall faster than time). --profile adds an onnxruntime per-op profile (share of kernel time per op kind,
+depthwise convs apart) of the original and of each fxslim variant. The first objective="latency" run on a
+model measures its layers and the memory-bound ops between them (cached in ~/.cache/fxslim/latency.json);
+later runs read the cache. This tool only measures."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ VIT = "vit_b_16"  # input --vit-size (32), also its image_size: a multiple of 16
 VARIANTS = {
     "macs": {"objective": "macs"},
     "macs+r8": {"objective": "macs", "round_to": 8},
-    "latency": {"objective": "latency"},
+    "latency": {"objective": "latency", "round_to": 1},  # objective="latency" rounds to 8 unless told not to
     "latency+r8": {"objective": "latency", "round_to": 8},
 }
 PEER = "torch-pruning"

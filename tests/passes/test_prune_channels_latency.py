@@ -152,11 +152,11 @@ def test_round_to_property(spec, ratio, round_to):
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """One measured run (every layer timed at three widths) and a second run on the same table."""
+    """One measured run (every layer timed at three widths, no rounding) and a second run on the same table."""
     table = str(tmp_path_factory.mktemp("latency") / "table.json")
     gm = mixed()
-    first = prune(gm, ratio=0.5, objective="latency", latency_table=table)
-    second = prune(gm, ratio=0.5, objective="latency", latency_table=table)
+    first = prune(gm, ratio=0.5, objective="latency", latency_table=table, round_to=1)
+    second = prune(gm, ratio=0.5, objective="latency", latency_table=table, round_to=1)
     return gm, table, first, second
 
 
@@ -203,6 +203,8 @@ def _prunable_indices() -> list[int]:
 def test_latency_respects_ignore_and_round_to(measured):
     _, table, _, _ = measured
     res = prune(mixed(), ratio=0.5, objective="latency", latency_table=table, ignore=["dense1"], round_to=8)
+    default = prune(mixed(), ratio=0.5, objective="latency", latency_table=table, ignore=["dense1"])
+    assert default.record["per_group"] == res.record["per_group"]  # round_to defaults to 8 for latency
     m = res.module
     assert m.dense1.out_channels == 40 and m.dense1.in_channels == 16  # frozen in and out
     assert m.stem.out_channels == 16
@@ -235,7 +237,8 @@ def test_latency_times_rounded_widths_with_round_to(monkeypatch, tmp_path):
 
     def widths(round_to):
         timed.clear()
-        prune(mixed(), ratio=0.5, objective="latency", latency_table=table, round_to=round_to)
+        options = {} if round_to is None else {"round_to": round_to}
+        prune(mixed(), ratio=0.5, objective="latency", latency_table=table, **options)
         return set(timed)
 
     # (in, out, groups) at scales 1, 0.5, 0.25; groups of 16 (stem out = project out), 96, 40 and 24
@@ -245,6 +248,7 @@ def test_latency_times_rounded_widths_with_round_to(monkeypatch, tmp_path):
     rounded = {("conv", 8, 24, 1), ("conv", 24, 8, 1), ("conv", 8, 8, 1), ("conv", 24, 16, 1)}
     rounded |= {("linear", 16, 10, 1), ("linear", 8, 10, 1)}
     assert widths(8) == common | rounded  # e.g. dense1 at 0.5: 8 in (16 / 2), 24 out (20 to the nearest 8)
+    assert widths(None) == common | rounded  # the default with objective="latency"
     plain = {("conv", 8, 20, 1), ("conv", 4, 10, 1), ("conv", 20, 12, 1), ("conv", 10, 6, 1), ("conv", 3, 4, 1)}
     plain |= {("conv", 4, 24, 1), ("conv", 24, 4, 1), ("linear", 12, 10, 1), ("linear", 6, 10, 1)}
     assert widths(1) == common | plain
@@ -285,7 +289,7 @@ def test_latency_check_keeps_the_faster_whole_model(measured, monkeypatch, faste
         return {name: (1.0 if name == faster else 2.0) for name in paths}
 
     monkeypatch.setattr(fxslim.export, "ort_latency", fake)
-    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True)
+    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True, round_to=1)
     check = res.record["latency"]["check"]
     assert check == {
         "kept": faster,
@@ -299,7 +303,7 @@ def test_latency_check_keeps_the_faster_whole_model(measured, monkeypatch, faste
 
 def test_latency_check_with_real_timing(measured):
     gm, table, _, _ = measured
-    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True)
+    res = prune(gm, ratio=0.5, objective="latency", latency_table=table, latency_check=True, round_to=1)
     check = res.record["latency"]["check"]
     assert check["kept"] in ("latency", "uniform") and check["latency_s"] > 0 and check["uniform_s"] > 0
     assert (check["kept"] == "latency") == (check["latency_s"] <= check["uniform_s"])

@@ -6,22 +6,22 @@ are removed (never frozen ones, at least one kept, and never the last channel of
 its mean so groups of different scale compare.
 
 objective="latency": every conv / linear / attention layer whose weights a prunable group runs through is
-measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk; with
-`round_to` the pruned channels at multiples of it, as the plan will have them) and gets
-an affine model `t = a + b * m` of its seconds against its relative MACs `m` (the product of its weight's
-kept output and input fractions; a depthwise conv's `m` is its kept channel fraction, so a memory-bound layer
-shows its real cost per MAC). The memory-bound ops between the layers (norms, activations, elementwise
-arithmetic, pooling: `fxslim.latency_ops`, those onnxruntime fuses into a conv left out) are timed alone
-once at full width and scale with the kept fraction of their output channels. The *estimated latency* of a
-choice of kept widths is the sum of those models over the measured layers and ops; the *target* is that
-estimate at the widths objective="macs" would keep at the same `ratio`. Groups then shrink greedily, one
-step at a time (`round_to` channels, or 1/32 of the group), always taking the step with the least
-importance lost per estimated second saved, never past `max_ratio` of a group, until the estimate reaches
-the target. The importance a step loses is the removed channels'
-mean score over their group's mean (as in global ranking) times the MACs the step removes: with equal
-scores the greedy removes first the MACs that cost the most seconds (depthwise, memory-bound layers), so it
-keeps the most MACs (and importance) for the time it must save. Groups that run through no measured
-layer are pruned at `ratio` as with objective="macs".
+measured alone with onnxruntime at three widths (`fxslim.latency.module_latency`, cached on disk): its groups
+keeping all, half and a quarter of their channels as the plan would keep them (rounded to `round_to`, a group
+smaller than one unit whole). It gets an affine model `t = a + b * m` of its seconds against its relative MACs
+`m` (the product of its weight's kept output and input fractions; a depthwise conv's `m` is its kept channel
+fraction, so a memory-bound layer shows its real cost per MAC). The memory-bound ops between the layers
+(norms, activations, elementwise arithmetic, pooling: `fxslim.latency_ops`, those onnxruntime fuses into a
+conv left out) are timed alone once at full width and scale with the kept fraction of their output channels.
+The *estimated latency* of a choice of kept widths is the sum of those models over the measured layers and
+ops; the *target* is that estimate at the widths objective="macs" would keep at the same `ratio` and
+`round_to`. Groups then shrink greedily, one step at a time (`round_to` channels, or 1/32 of the group),
+always taking the step with the least importance lost per estimated second saved, never past `max_ratio` of a
+group, until the estimate reaches the target. The importance a step loses is the removed channels' mean score
+over their group's mean (as in global ranking) times the MACs the step removes: with equal scores the greedy
+removes first the MACs that cost the most seconds (depthwise, memory-bound layers), so it keeps the most MACs
+(and importance) for the time it must save. Groups that run through no measured layer are pruned at `ratio` as
+with objective="macs".
 
 `round_to=N` rounds every pruned group's kept count to the nearest multiple of its unit (halves up), never
 below one unit nor above the group size (a group smaller than one unit stays whole). The unit is N
@@ -112,8 +112,10 @@ def run(
     extra: dict = {}
     new = None
     if objective == "latency":
-        model = LatencyModel.measure(dg, groups, latency_table, round_to)
-        kept, extra = _choose_latency(groups, scores, model, ratio, round_to, max_ratio, dg)
+        units = _units(dg, groups, round_to)
+        model = LatencyModel.measure(dg, groups, latency_table, units)
+        kept, extra = _choose_latency(groups, scores, model, ratio, units, max_ratio)
+        extra["latency"]["round_to"] = round_to
         drop = _drop_lowest(groups, scores, kept)
         if latency_check:
             uniform = _uniform_drop(dg, groups, scores, ratio, False, round_to)
@@ -361,14 +363,17 @@ class LatencyModel:
 
     @classmethod
     def measure(
-        cls, dg: DependencyGraph, groups: list[Group], table_path: str | None, round_to: int = 1
+        cls, dg: DependencyGraph, groups: list[Group], table_path: str | None, units: np.ndarray | None = None
     ) -> LatencyModel:
+        """Time the layers and ops the groups run through; `units`: per group, the multiple its kept count is
+        rounded to (`_units`; None: no rounding)."""
         from fxslim.latency import LatencyTable, default_table
 
         table = default_table() if table_path is None else LatencyTable(table_path)
         annotate(dg.gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
         count = _GroupCounter(dg, groups)
-        layers, rows, tally = _measure_layers(dg, count, table, round_to)
+        units = np.ones(len(groups), dtype=np.int64) if units is None else units
+        layers, rows, tally = _measure_layers(dg, count, table, _timed_fractions(groups, units))
         ops, op_rows = _measure_ops(dg, count, table, tally)
         table.save()
         if not layers:
@@ -400,11 +405,25 @@ class _GroupCounter:
         return np.zeros(self.n), float(n), n
 
 
-def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table, round_to: int) -> tuple[list[_Layer], list, dict]:
-    """Every conv / linear / attention layer a prunable group runs through, timed at the WIDTHS and fitted.
-    With round_to > 1 the channels the groups hold are timed at multiples of round_to, the widths the plan
-    will have: onnxruntime runs some kernels (depthwise convs) far slower at other widths, and a fit through
-    such a point would misjudge every rounded width."""
+def _timed_fractions(groups: list[Group], units: np.ndarray) -> dict[float, np.ndarray]:
+    """Per width scale of WIDTHS, each group's kept fraction when it keeps that share of its channels, as the
+    plan would keep it: at least one channel and its frozen ones, rounded to the group's unit (a group smaller
+    than one unit stays whole). Layers are timed at these widths: onnxruntime runs some kernels (depthwise
+    convs) far slower at channel counts off a multiple of 8, so a fit through an unrounded width would misjudge
+    every rounded one."""
+    fractions = {}
+    for s in WIDTHS:
+        kept = [max(1, int(g.frozen.sum()), round(s * g.size)) for g in groups]
+        kept = [_round_kept(g, k, int(u)) for g, k, u in zip(groups, kept, units, strict=True)]
+        fractions[s] = np.array([k / g.size for g, k in zip(groups, kept, strict=True)])
+    return fractions
+
+
+def _measure_layers(
+    dg: DependencyGraph, count: _GroupCounter, table, fractions: dict[float, np.ndarray]
+) -> tuple[list[_Layer], list, dict]:
+    """Every conv / linear / attention layer a prunable group runs through, timed with its groups at each
+    scale's kept `fractions` (`_timed_fractions`) and fitted."""
     import scipy.optimize
 
     from fxslim.latency import latency_key, module_latency
@@ -422,7 +441,7 @@ def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table, round_to: 
             continue
         points = []
         for s in WIDTHS:
-            sizes_s = [int(fixed + _width(per.sum(), s, round_to)) if per.any() else n for per, fixed, n in counts]
+            sizes_s = [max(1, round(fixed + per @ fractions[s])) if per.any() else n for per, fixed, n in counts]
             module, shape, rel = build(sizes_s)
             hit = table.get(latency_key(module, shape)) is not None
             t = module_latency(module, shape, table=table, save=False)
@@ -438,15 +457,6 @@ def _measure_layers(dg: DependencyGraph, count: _GroupCounter, table, round_to: 
         layers.append(_Layer(node.name, _op_kind(gm, node), float(a), float(b), points, macs))
         rows.append(counts)
     return layers, rows, tally
-
-
-def _width(held: float, scale: float, unit: int) -> int:
-    """`scale` of the `held` channels, at least one; the nearest multiple of `unit` (halves up, at least one
-    unit) when `held` spans one."""
-    n = max(1, round(scale * held))
-    if unit > 1 and unit <= held and n < held:
-        n = max(unit, math.floor(n / unit + 0.5) * unit)
-    return int(n)
 
 
 def _measure_ops(dg: DependencyGraph, count: _GroupCounter, table, tally: dict) -> tuple[list[_Layer], list]:
@@ -591,15 +601,18 @@ def _levels(g: Group, unit: int, max_ratio: float) -> np.ndarray:
     return np.r_[np.arange(g.size, low, -step), low].astype(np.int64)
 
 
-def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ratio, dg):
+def _choose_latency(groups, scores, model: LatencyModel, ratio, units: np.ndarray, max_ratio):
     """Greedy: the step with the least importance lost per estimated second saved, until the estimate
-    reaches the target (the estimate at the widths objective="macs" keeps). Importance lost = the removed
-    channels' mean score over their group's mean, times the MACs they remove: with equal scores the greedy
-    removes the MACs that cost the most seconds (depthwise, memory-bound layers) first."""
+    reaches the target (the estimate at the widths objective="macs" keeps with the same rounding: `units`, per
+    group, from `_units`). Importance lost = the removed channels' mean score over their group's mean, times
+    the MACs they remove: with equal scores the greedy removes the MACs that cost the most seconds (depthwise,
+    memory-bound layers) first."""
     max_ratio = (1 + ratio) / 2 if max_ratio is None else max_ratio
-    units = _units(dg, groups, round_to) if round_to > 1 else np.ones(len(groups), dtype=np.int64)
     sizes = np.array([g.size for g in groups], dtype=np.float64)
-    uniform = np.array([g.size - _quota(g, ratio) for g in groups], dtype=np.float64)
+    uniform = np.array(
+        [_round_kept(g, g.size - _quota(g, ratio), int(u)) for g, u in zip(groups, units, strict=True)],
+        dtype=np.float64,
+    )
     target = model.seconds(uniform / sizes)
     layers = len(model.layers) - model.ops  # a group that runs through ops alone has no MACs to price: uniform
     touched = (model.n0[:layers] > 0).any(axis=0) | (model.n1[:layers] > 0).any(axis=0)
@@ -612,8 +625,7 @@ def _choose_latency(groups, scores, model: LatencyModel, ratio, round_to, max_ra
     kept = sizes.copy()
     # groups no measured layer depends on lose `ratio`, as with objective="macs" (from the start: the ops
     # they run through are in the estimate)
-    for j in np.flatnonzero(~touched):
-        kept[j] = uniform[j] if round_to == 1 else _round_kept(groups[j], int(uniform[j]), int(units[j]))
+    kept[~touched] = uniform[~touched]
     estimate = model.seconds(kept / sizes)
     steps = 0
     while estimate > target:

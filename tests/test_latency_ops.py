@@ -129,7 +129,7 @@ def test_an_op_steers_the_greedy_to_its_group():
     ]
     n0 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     model = prune_channels.LatencyModel(layers, n0, np.zeros((3, 2)), np.zeros(3), np.ones(3), 0, 0, 2.0, 1)
-    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, 1, 0.75, dg)
+    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
     lat = record["latency"]
     assert (lat["layers"], lat["ops"]) == (2, 1)
     assert lat["estimated_s"] <= lat["target_s"]

@@ -215,9 +215,10 @@ def test_latency_respects_ignore_and_round_to(measured):
     assert m(X).shape == (1, 10)
 
 
-def test_latency_times_rounded_widths_with_round_to(monkeypatch, tmp_path):
-    """With round_to=8 every layer is timed at the widths the plan can have: the channels a group holds at
-    scale 0.5 and 0.25, each rounded to a multiple of 8 (halves up, at least 8); without it, as scaled."""
+@pytest.fixture
+def timed_widths(monkeypatch, tmp_path):
+    """widths(gm, x, round_to) -> the (kind, in, out, groups) of every layer objective="latency" times (a fake
+    timer: nothing runs), with round_to left to its default when None."""
     import fxslim.latency
     import fxslim.latency_ops
 
@@ -233,25 +234,75 @@ def test_latency_times_rounded_widths_with_round_to(monkeypatch, tmp_path):
 
     monkeypatch.setattr(fxslim.latency, "module_latency", fake)
     monkeypatch.setattr(fxslim.latency_ops, "op_seconds", lambda gm, node, table: (1e-6, False))
-    table = str(tmp_path / "t.json")
 
-    def widths(round_to):
+    def widths(gm, x, round_to):
         timed.clear()
         options = {} if round_to is None else {"round_to": round_to}
-        prune(mixed(), ratio=0.5, objective="latency", latency_table=table, **options)
+        ctx = PassContext(example_inputs=(x,))
+        prune_channels.run(gm, ctx, ratio=0.5, objective="latency", latency_table=str(tmp_path / "t.json"), **options)
         return set(timed)
 
+    return widths
+
+
+def test_latency_times_rounded_widths_with_round_to(timed_widths):
+    """With round_to=8 every layer is timed at the widths the plan can have: each group keeping 0.5 and 0.25
+    of its channels, rounded to a multiple of 8 (halves up, at least 8); without it, as scaled."""
     # (in, out, groups) at scales 1, 0.5, 0.25; groups of 16 (stem out = project out), 96, 40 and 24
     common = {("conv", 3, 16, 1), ("conv", 16, 96, 1), ("conv", 96, 96, 96), ("conv", 96, 16, 1)}
     common |= {("conv", 16, 40, 1), ("conv", 40, 24, 1), ("linear", 24, 10, 1)}
     common |= {("conv", 3, 8, 1), ("conv", 8, 48, 1), ("conv", 48, 48, 48), ("conv", 24, 24, 24), ("conv", 48, 8, 1)}
     rounded = {("conv", 8, 24, 1), ("conv", 24, 8, 1), ("conv", 8, 8, 1), ("conv", 24, 16, 1)}
     rounded |= {("linear", 16, 10, 1), ("linear", 8, 10, 1)}
-    assert widths(8) == common | rounded  # e.g. dense1 at 0.5: 8 in (16 / 2), 24 out (20 to the nearest 8)
-    assert widths(None) == common | rounded  # the default with objective="latency"
+    assert timed_widths(mixed(), X, 8) == common | rounded  # dense1 at 0.5: 8 in (16 / 2), 24 out (20 rounded)
+    assert timed_widths(mixed(), X, None) == common | rounded  # the default with objective="latency"
     plain = {("conv", 8, 20, 1), ("conv", 4, 10, 1), ("conv", 20, 12, 1), ("conv", 10, 6, 1), ("conv", 3, 4, 1)}
     plain |= {("conv", 4, 24, 1), ("conv", 24, 4, 1), ("linear", 12, 10, 1), ("linear", 6, 10, 1)}
-    assert widths(1) == common | plain
+    assert timed_widths(mixed(), X, 1) == common | plain
+
+
+class SmallFlat(nn.Module):
+    """A group of 6 channels (less than one unit of 8) and a group of 16 whose channels span 16 positions
+    each of the linear's input (flatten of 4x4 maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+def test_latency_times_groups_as_the_plan_keeps_them(timed_widths):
+    """Widths come from each group's kept count: a group smaller than one unit is timed whole (the plan never
+    shrinks it), and the linear after the flatten at whole channels (16 positions each)."""
+    torch.manual_seed(0)
+    gm, x = fxslim.trace(SmallFlat().eval()), torch.randn(1, 3, 4, 4)
+    rounded = {("conv", 3, 6, 1), ("conv", 6, 16, 1), ("conv", 6, 8, 1), ("linear", 256, 10, 1), ("linear", 128, 10, 1)}
+    assert timed_widths(gm, x, 8) == rounded  # the 16-group keeps 8 at 0.5 and 0.25 (4 rounds up to 8)
+    plain = {("conv", 3, 6, 1), ("conv", 3, 3, 1), ("conv", 3, 2, 1), ("conv", 6, 16, 1), ("conv", 3, 8, 1)}
+    plain |= {("conv", 2, 4, 1), ("linear", 256, 10, 1), ("linear", 128, 10, 1), ("linear", 64, 10, 1)}
+    assert timed_widths(gm, x, 1) == plain
+
+
+def test_latency_target_is_the_rounded_uniform_cut():
+    """With round_to the target is the estimate at the widths objective="macs" keeps with the same rounding."""
+    gm = mixed()
+    dg = analyze(gm, (X,))
+    groups = dg.prunable_groups
+    layers = [prune_channels._Layer(str(i), "Conv2d", 0.0, 1.0, macs=1000) for i in range(len(groups))]
+    n0 = np.eye(len(groups))
+    model = prune_channels.LatencyModel(
+        layers, n0, np.zeros_like(n0), np.zeros(len(groups)), np.ones(len(groups)), 0, 0, 1.0
+    )
+    units = prune_channels._units(dg, groups, 8)
+    _, record = prune_channels._choose_latency(
+        groups, scores=np.ones(int(dg.label.max()) + 1), model=model, ratio=0.5, units=units, max_ratio=0.75
+    )
+    macs = prune(mixed(), ratio=0.5, round_to=8).record["per_group"]
+    assert record["latency"]["target_s"] == pytest.approx(sum(g["kept"] / g["size"] for g in macs))
 
 
 def test_latency_greedy_pays_where_seconds_are_cheapest():
@@ -267,7 +318,7 @@ def test_latency_greedy_pays_where_seconds_are_cheapest():
         prune_channels._Layer("b", "Conv2d", 0.0, 1.0, macs=1000),
     ]
     model = prune_channels.LatencyModel(layers, n0, np.zeros((2, 2)), np.zeros(2), np.ones(2), 0, 0, 11.0)
-    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, 1, 0.75, dg)
+    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
     lat = record["latency"]
     assert lat["estimated_s"] <= lat["target_s"]
     assert lat["target_s"] == pytest.approx(

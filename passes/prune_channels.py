@@ -30,7 +30,7 @@ through (an attention head spans head_dim rows: any head count keeps widths a mu
 With objective="latency" it defaults to 8 (LATENCY_ROUND_TO): onnxruntime's blocked (NCHWc) conv kernels on
 x86 work on 8 channels at a time, and a conv whose channel count is off that multiple falls back to plain
 kernels, for depthwise convs several times slower (docs/results/latency_224.md: without rounding,
-MobileNetV3-L pruned for latency at 224x224 ran 0.70 of the original's time, with it 0.35). round_to=1 turns it off.
+MobileNetV3-L pruned for latency at 224x224 ran 0.70 of the original's time, with it 0.39). round_to=1 turns it off.
 
 reconstruct=True re-fits, after the cut, every conv/linear whose inputs lost channels by least squares to
 the unpruned layer's outputs on `calib_batches` batches of data (`fxslim.reconstruct`: He et al. 2017, ThiNet),

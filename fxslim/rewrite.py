@@ -21,7 +21,7 @@ from torch import fx, nn
 from fxslim.errors import PassError
 from fxslim.graph.clone import clone_gm
 from fxslim.graph.deps import DependencyGraph, Group
-from fxslim.graph.rules import rule_for
+from fxslim.graph.rules import reads_changed_size, rule_for
 from fxslim.graph.shape import propagate
 from fxslim.scratch import Scratch
 
@@ -240,11 +240,13 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
             if moves:
                 _set_on(owner, attr, t)
                 reindexed.update(_prefixes(owner_name))
+    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier)}  # `t.shape[j]` of a resized dim
     for node in new.graph.nodes:
         owns = node.op == "call_module" and node.target in reindexed
         touched = (node, *node.all_input_nodes)
         if not owns and not any(applier.changed(dg.values.get(old_nodes[n.name])) for n in touched):
-            continue
+            if not any(n in resized for n in node.all_input_nodes):
+                continue
         rule, mod = rule_for(node, new)
         if rule is not None and rule.update is not None:
             rule.update(node, mod, applier)

@@ -315,7 +315,35 @@ def _update_sizes(node: fx.Node, b) -> None:
     old, new = node.meta["tensor_meta"].shape, b.new_shapes(node)
     if len(sizes) != len(old):  # one computed shape object (e.g. `y.shape`): read at run time, left alone
         return
-    _set_shape_args(node, _resized(sizes, old, new), wrapped)
+    resized = _resized(sizes, old, new)
+    # A size read from a dim the plan changes, given to a dim it does not (MaxViT merges its heads back
+    # with `reshape(B, G, P, D)`, D from its input's shape: the input's width can shrink while the heads
+    # stay), would be read anew at run time: it becomes the dim's size.
+    resized = [n if reads_changed_size(s, b) else s for s, n in zip(resized, new, strict=True)]
+    _set_shape_args(node, resized, wrapped)
+
+
+def reads_changed_size(arg, b) -> bool:
+    """Whether `arg` is `t.shape[j]`, `t.size()[j]` or `t.size(j)` of a tensor t whose dim j the plan resizes."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+        t, j = arg.args
+    elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
+        src, j = arg.args
+        if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
+            t = src.args[0]
+        elif src.op == "call_method" and src.target == "size" and len(src.args) == 1:
+            t = src.args[0]
+        else:
+            return False
+    else:
+        return False
+    meta = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
+    shape = b.new_shapes(t) if hasattr(meta, "shape") else None
+    if not isinstance(j, int) or not isinstance(shape, list) or not -len(shape) <= j < len(shape):
+        return False
+    return shape[j] is not None and int(meta.shape[j]) != int(shape[j])
 
 
 def reshape_update(node, mod, b):

@@ -111,3 +111,37 @@ def test_prelu_slope_is_not_a_norm_scale():
     dg = fxslim.analyze(model, (torch.randn(1, 3, 2, 2),))
     g = dg.group_of("_0")
     assert list(atom_scores(dg, "bn_scale")[g.atoms]) == list(atom_scores(dg, "l1")[g.atoms])
+
+
+def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan():
+    """MaxViT's attention merges heads back with the width of its input (`reshape(B, P, D)`, D from
+    `x.shape`): when the residual width loses channels and the heads do not, the merged dim keeps its size,
+    so the size read from the input must not be used any more."""
+
+    class M(nn.Module):
+        def __init__(self, d=16, heads=2, head_dim=8):
+            super().__init__()
+            self.inp, self.qkv = nn.Linear(4, d), nn.Linear(d, 3 * heads * head_dim)
+            self.merge, self.head = nn.Linear(heads * head_dim, d), nn.Linear(d, 3)
+            self.heads, self.head_dim = heads, head_dim
+
+        def forward(self, x):
+            x = self.inp(x)
+            b, p, d = x.shape
+            q, k, v = self.qkv(x).chunk(3, -1)
+            q, k, v = (t.reshape(b, p, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(b, p, d)
+            return self.head(x + self.merge(out))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 5, 4)
+    gone = list(range(8, 16))
+    with torch.no_grad():  # channels 8..15 of the residual width carry nothing: removing them is exact
+        for layer in (model.inp, model.merge):
+            layer.weight[gone] = 0
+            layer.bias[gone] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))
+    assert new.inp.out_features == new.merge.out_features == 8 and new.merge.in_features == 16
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)

@@ -1,5 +1,6 @@
-"""torchvision classifiers (random init) pruned at ratio 0.5: forward runs with the original output shape,
-params and MACs drop, and the ONNX export matches onnxruntime. Also ONNX parity on generated nets."""
+"""torchvision classifiers (random init) pruned at ratio 0.5, without and with round_to=8 (objective="latency"'s
+default): forward runs with the original output shape, params and MACs drop, and the ONNX export matches
+onnxruntime. Also ONNX parity on generated nets."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def _calibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.eval()
 
 
+@pytest.mark.parametrize("round_to", [1, 8])
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
-def test_torchvision_prune_half_forward_and_onnx_parity(name, tmp_path):
+def test_torchvision_prune_half_forward_and_onnx_parity(name, round_to, tmp_path):
     kwargs, size = MODELS[name]
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, **kwargs)
@@ -43,7 +45,7 @@ def test_torchvision_prune_half_forward_and_onnx_parity(name, tmp_path):
     _calibrate_bn(model, torch.randn(4, 3, size, size))
     if name.startswith("vit"):
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised head: outputs would be 0
-    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5, "round_to": round_to}])
     out = res.module(x)
     assert out.shape == model(x).shape == (1, 1000)
     r = res.report[0]

@@ -21,7 +21,7 @@ from torch import fx, nn
 from fxslim.errors import PassError
 from fxslim.graph.clone import clone_gm
 from fxslim.graph.deps import DependencyGraph, Group
-from fxslim.graph.rules import reads_changed_size, rule_for
+from fxslim.graph.rules import SIZE_UPDATES, reads_changed_size, rule_for
 from fxslim.graph.shape import propagate
 from fxslim.scratch import Scratch
 
@@ -244,12 +244,13 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
     for node in new.graph.nodes:
         owns = node.op == "call_module" and node.target in reindexed
         touched = (node, *node.all_input_nodes)
-        if not owns and not any(applier.changed(dg.values.get(old_nodes[n.name])) for n in touched):
-            if not any(n in resized for n in node.all_input_nodes):
-                continue
+        changed = owns or any(applier.changed(dg.values.get(old_nodes[n.name])) for n in touched)
+        if not changed and not any(n in resized for n in node.all_input_nodes):
+            continue
         rule, mod = rule_for(node, new)
-        if rule is not None and rule.update is not None:
-            rule.update(node, mod, applier)
+        if rule is None or rule.update is None or not (changed or rule.update in SIZE_UPDATES):
+            continue
+        rule.update(node, mod, applier)
     new.graph.lint()
     new.recompile()
     verify_shapes(new, dg.example_inputs, applier)

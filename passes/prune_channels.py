@@ -408,7 +408,9 @@ class _GroupCounter:
 def _timed_fractions(groups: list[Group], units: np.ndarray) -> dict[float, np.ndarray]:
     """Per width scale of WIDTHS, each group's kept fraction when it keeps that share of its channels, as the
     plan would keep it: at least one channel and its frozen ones, rounded to the group's unit (a group smaller
-    than one unit stays whole). Layers are timed at these widths: onnxruntime runs some kernels (depthwise
+    than one unit stays whole). A layer's widths follow from the fractions of the groups its weight dims hold
+    (exact where a dim holds whole groups; where a split spreads a group over several dims, each dim is taken
+    to keep the group's fraction). Layers are timed at these widths: onnxruntime runs some kernels (depthwise
     convs) far slower at channel counts off a multiple of 8, so a fit through an unrounded width would misjudge
     every rounded one."""
     fractions = {}

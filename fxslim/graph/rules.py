@@ -324,11 +324,13 @@ def _update_sizes(node: fx.Node, b) -> None:
 
 
 def reads_changed_size(arg, b) -> bool:
-    """Whether `arg` is `t.shape[j]`, `t.size()[j]` or `t.size(j)` of a tensor t whose dim j the plan resizes."""
+    """Whether `arg` is `t.shape[j]`, `t.size()[j]` or `t.size(j)` of a tensor t whose dim j is a pure channel
+    dim (each position one channel of a group; not a flatten of channels with batch or space, whose size can
+    change at run time) that the plan resizes."""
     if not isinstance(arg, fx.Node):
         return False
-    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
-        t, j = arg.args
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) + len(arg.kwargs) == 2:
+        t, j = arg.args[0], arg.args[1] if len(arg.args) == 2 else arg.kwargs.get("dim")
     elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
         src, j = arg.args
         if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
@@ -340,10 +342,14 @@ def reads_changed_size(arg, b) -> bool:
     else:
         return False
     meta = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
-    shape = b.new_shapes(t) if hasattr(meta, "shape") else None
-    if not isinstance(j, int) or not isinstance(shape, list) or not -len(shape) <= j < len(shape):
+    ids = b.ids(t) if hasattr(meta, "shape") else None
+    if not isinstance(j, int) or ids is None or len(ids) != len(meta.shape) or not -len(ids) <= j < len(ids):
         return False
-    return shape[j] is not None and int(meta.shape[j]) != int(shape[j])
+    dg = b.plan.dg
+    atoms = dg.label[ids[j]]
+    if len(np.unique(atoms)) != len(atoms) or (dg.atom_group[atoms] < 0).any():
+        return False
+    return b.new_size(ids[j]) != int(meta.shape[j])
 
 
 def reshape_update(node, mod, b):
@@ -379,6 +385,9 @@ def expand(b, node, mod=None):
 
 def expand_update(node, mod, b):
     _update_sizes(node, b)
+
+
+SIZE_UPDATES = (reshape_update, expand_update)  # updates that rewrite size arguments (`_update_sizes`)
 
 
 def getitem(b, node, mod=None):

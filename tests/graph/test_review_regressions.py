@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxslim
+from fxslim.errors import PassError
 from fxslim.rewrite import ChannelPlan, apply_plan, remove_channels
 
 
@@ -113,7 +115,8 @@ def test_prelu_slope_is_not_a_norm_scale():
     assert list(atom_scores(dg, "bn_scale")[g.atoms]) == list(atom_scores(dg, "l1")[g.atoms])
 
 
-def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan():
+@pytest.mark.parametrize("read", ["unpack", "size", "size_dim"])
+def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan(read):
     """MaxViT's attention merges heads back with the width of its input (`reshape(B, P, D)`, D from
     `x.shape`): when the residual width loses channels and the heads do not, the merged dim keeps its size,
     so the size read from the input must not be used any more."""
@@ -128,6 +131,7 @@ def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan():
         def forward(self, x):
             x = self.inp(x)
             b, p, d = x.shape
+            d = {"unpack": d, "size": x.size(2), "size_dim": x.size(dim=-1)}[read]
             q, k, v = self.qkv(x).chunk(3, -1)
             q, k, v = (t.reshape(b, p, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
             out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(b, p, d)
@@ -144,4 +148,49 @@ def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan():
     dg = fxslim.analyze(gm, (x,))
     new = remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))
     assert new.inp.out_features == new.merge.out_features == 8 and new.merge.in_features == 16
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_a_size_read_from_channels_mixed_with_space_is_not_fixed():
+    """`reshape(n, fa.size(1))` with fa a flatten of channels and space: its size changes with the input, so
+    it is not replaced by a number; pruning fails loudly instead of giving a model that runs only at the
+    example input's size."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            fa = self.a(x).flatten(1)
+            return fa.sum(1) + self.b(x).reshape(fa.size(0), fa.size(1)).sum(1)
+
+    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    with pytest.raises(PassError, match="reshape"):
+        remove_channels(gm, dg.group_of("a"), list(range(4)))
+
+
+def test_a_slice_bounded_by_a_resized_size_still_prunes():
+    """`b[:, : a.shape[1]]` reads a size the plan changes; only view/reshape/expand rewrite such sizes, the
+    slice is left to its own rule (an update of it used to raise a TypeError)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.oa = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            return self.oa(a) + b[:, : a.shape[1]]
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():  # channels 4..7 of a carry nothing: removing them is exact
+        model.a.weight[4:] = 0
+        model.a.bias[4:] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = remove_channels(gm, dg.group_of("a"), list(range(4)))
     torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)

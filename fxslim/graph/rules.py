@@ -324,32 +324,52 @@ def _update_sizes(node: fx.Node, b) -> None:
 
 
 def reads_changed_size(arg, b) -> bool:
-    """Whether `arg` is `t.shape[j]`, `t.size()[j]` or `t.size(j)` of a tensor t whose dim j is a pure channel
-    dim (each position one channel of a group; not a flatten of channels with batch or space, whose size can
-    change at run time) that the plan resizes."""
-    if not isinstance(arg, fx.Node):
-        return False
-    if arg.op == "call_method" and arg.target == "size" and len(arg.args) + len(arg.kwargs) == 2:
-        t, j = arg.args[0], arg.args[1] if len(arg.args) == 2 else arg.kwargs.get("dim")
-    elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
-        src, j = arg.args
-        if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
-            t = src.args[0]
-        elif src.op == "call_method" and src.target == "size" and len(src.args) == 1:
-            t = src.args[0]
-        else:
-            return False
-    else:
-        return False
+    """Whether `arg` is a number computed at run time only from integers and sizes of pure channel dims (each
+    position one channel of a group; not a flatten of channels with batch or space, whose size can change at
+    run time), at least one of which the plan resizes: `t.shape[j]`, `t.size()[j]`, `t.size(j)`, and `+ - * //`
+    of those (`C // heads`)."""
+    return isinstance(arg, fx.Node) and _channel_size(arg, b) == (True, True)
+
+
+_SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
+def _channel_size(arg, b, depth: int = 0) -> tuple[bool, bool]:
+    """(static, resized) of a size argument: static when it is computed only from integers and sizes read from
+    pure channel dims; resized when one of those sizes changes under the plan."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return True, False
+    if not isinstance(arg, fx.Node) or depth > 16:
+        return False, False
+    if arg.op == "call_function" and arg.target in _SIZE_ARITHMETIC and not arg.kwargs and len(arg.args) == 2:
+        parts = [_channel_size(a, b, depth + 1) for a in arg.args]
+        return all(p[0] for p in parts), any(p[1] for p in parts)
+    read = _size_read(arg)
+    if read is None:
+        return False, False
+    t, j = read
     meta = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
     ids = b.ids(t) if hasattr(meta, "shape") else None
     if not isinstance(j, int) or ids is None or len(ids) != len(meta.shape) or not -len(ids) <= j < len(ids):
-        return False
+        return False, False
     dg = b.plan.dg
     atoms = dg.label[ids[j]]
     if len(np.unique(atoms)) != len(atoms) or (dg.atom_group[atoms] < 0).any():
-        return False
-    return b.new_size(ids[j]) != int(meta.shape[j])
+        return False, False
+    return True, b.new_size(ids[j]) != int(meta.shape[j])
+
+
+def _size_read(arg: fx.Node) -> tuple | None:
+    """(t, j) when `arg` reads `t.shape[j]`, `t.size()[j]` or `t.size(j)`."""
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) + len(arg.kwargs) == 2:
+        return arg.args[0], arg.args[1] if len(arg.args) == 2 else arg.kwargs.get("dim")
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
+        src, j = arg.args
+        if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
+            return src.args[0], j
+        if src.op == "call_method" and src.target == "size" and len(src.args) == 1 and not src.kwargs:
+            return src.args[0], j
+    return None
 
 
 def reshape_update(node, mod, b):

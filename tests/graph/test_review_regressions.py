@@ -194,3 +194,37 @@ def test_a_slice_bounded_by_a_resized_size_still_prunes():
     dg = fxslim.analyze(gm, (x,))
     new = remove_channels(gm, dg.group_of("a"), list(range(4)))
     torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_reshape_to_a_size_computed_from_a_resized_width():
+    """timm-style attention splits heads with `reshape(B, N, 3, heads, C // heads)`, C from its input: when the
+    residual width loses channels and the heads do not, `C // heads` is computed from a resized size and
+    becomes the head width the plan keeps."""
+
+    class M(nn.Module):
+        def __init__(self, d=16, heads=2):
+            super().__init__()
+            self.inp, self.qkv, self.proj = nn.Linear(4, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.head, self.heads = nn.Linear(d, 3), heads
+
+        def forward(self, x):
+            x = self.inp(x)
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            out = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+            return self.head(x + self.proj(out))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 5, 4)
+    gone = list(range(8, 16))
+    with torch.no_grad():  # channels 8..15 of the residual width carry nothing: removing them is exact
+        for layer in (model.inp, model.proj):
+            layer.weight[gone] = 0
+            layer.bias[gone] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))
+    assert new.inp.out_features == new.proj.out_features == 8 and new.qkv.out_features == 48
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+    assert new(torch.randn(3, 7, 4)).shape == (3, 7, 3)  # batch and token count stay free

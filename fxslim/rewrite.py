@@ -240,7 +240,8 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
             if moves:
                 _set_on(owner, attr, t)
                 reindexed.update(_prefixes(owner_name))
-    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier)}  # `t.shape[j]` of a resized dim
+    memo: dict = {}
+    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier, memo)}  # sizes of resized dims
     for node in new.graph.nodes:
         owns = node.op == "call_module" and node.target in reindexed
         touched = (node, *node.all_input_nodes)

@@ -323,26 +323,32 @@ def _update_sizes(node: fx.Node, b) -> None:
     _set_shape_args(node, resized, wrapped)
 
 
-def reads_changed_size(arg, b) -> bool:
+def reads_changed_size(arg, b, memo: dict | None = None) -> bool:
     """Whether `arg` is a number computed at run time only from integers and sizes of pure channel dims (each
     position one channel of a group; not a flatten of channels with batch or space, whose size can change at
     run time), at least one of which the plan resizes: `t.shape[j]`, `t.size()[j]`, `t.size(j)`, and `+ - * //`
-    of those (`C // heads`)."""
-    return isinstance(arg, fx.Node) and _channel_size(arg, b) == (True, True)
+    of those (`C // heads`). `memo` caches the answers for nodes across calls on the same plan."""
+    return isinstance(arg, fx.Node) and _channel_size(arg, b, {} if memo is None else memo) == (True, True)
 
 
 _SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
-def _channel_size(arg, b, depth: int = 0) -> tuple[bool, bool]:
+def _channel_size(arg, b, memo: dict, depth: int = 0) -> tuple[bool, bool]:
     """(static, resized) of a size argument: static when it is computed only from integers and sizes read from
     pure channel dims; resized when one of those sizes changes under the plan."""
     if isinstance(arg, int) and not isinstance(arg, bool):
         return True, False
     if not isinstance(arg, fx.Node) or depth > 16:
         return False, False
+    if arg not in memo:
+        memo[arg] = _channel_size_of_node(arg, b, memo, depth)
+    return memo[arg]
+
+
+def _channel_size_of_node(arg: fx.Node, b, memo: dict, depth: int) -> tuple[bool, bool]:
     if arg.op == "call_function" and arg.target in _SIZE_ARITHMETIC and not arg.kwargs and len(arg.args) == 2:
-        parts = [_channel_size(a, b, depth + 1) for a in arg.args]
+        parts = [_channel_size(a, b, memo, depth + 1) for a in arg.args]
         return all(p[0] for p in parts), any(p[1] for p in parts)
     read = _size_read(arg)
     if read is None:

@@ -139,14 +139,7 @@ def test_reshape_to_a_size_read_from_another_tensor_follows_the_plan(read):
 
     torch.manual_seed(0)
     model, x = M().eval(), torch.randn(2, 5, 4)
-    gone = list(range(8, 16))
-    with torch.no_grad():  # channels 8..15 of the residual width carry nothing: removing them is exact
-        for layer in (model.inp, model.merge):
-            layer.weight[gone] = 0
-            layer.bias[gone] = 0
-    gm = fxslim.trace(model)
-    dg = fxslim.analyze(gm, (x,))
-    new = remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))
+    new = _without_dead_residual_half(model, x, ("inp", "merge"))
     assert new.inp.out_features == new.merge.out_features == 8 and new.merge.in_features == 16
     torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
 
@@ -217,14 +210,20 @@ def test_reshape_to_a_size_computed_from_a_resized_width():
 
     torch.manual_seed(0)
     model, x = M().eval(), torch.randn(2, 5, 4)
-    gone = list(range(8, 16))
-    with torch.no_grad():  # channels 8..15 of the residual width carry nothing: removing them is exact
-        for layer in (model.inp, model.proj):
-            layer.weight[gone] = 0
-            layer.bias[gone] = 0
-    gm = fxslim.trace(model)
-    dg = fxslim.analyze(gm, (x,))
-    new = remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))
+    new = _without_dead_residual_half(model, x, ("inp", "proj"))
     assert new.inp.out_features == new.proj.out_features == 8 and new.qkv.out_features == 48
     torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
     assert new(torch.randn(3, 7, 4)).shape == (3, 7, 3)  # batch and token count stay free
+
+
+def _without_dead_residual_half(model: nn.Module, x: torch.Tensor, writers: tuple[str, ...]) -> nn.Module:
+    """Zero channels 8..15 of the 16-wide residual stream in every layer that writes it (so they carry nothing
+    and removing them is exact), then remove them: the group of `inp`'s output (dim 2)."""
+    with torch.no_grad():
+        for name in writers:
+            layer = model.get_submodule(name)
+            layer.weight[8:] = 0
+            layer.bias[8:] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    return remove_channels(gm, dg.group_of("inp", dim=2), list(range(8)))

@@ -315,12 +315,15 @@ def _update_sizes(node: fx.Node, b) -> None:
     old, new = node.meta["tensor_meta"].shape, b.new_shapes(node)
     if len(sizes) != len(old):  # one computed shape object (e.g. `y.shape`): read at run time, left alone
         return
+    _set_shape_args(node, _new_size_args(sizes, old, new, b), wrapped)
+
+
+def _new_size_args(sizes, old, new, b) -> list:
+    """`_resized`, and a size computed from a dim the plan changes, given to a dim it does not (MaxViT merges
+    its heads back with `reshape(B, G, P, D)`, D from its input's shape: the input's width can shrink while
+    the heads stay), becomes the dim's size: it would be read anew at run time."""
     resized = _resized(sizes, old, new)
-    # A size read from a dim the plan changes, given to a dim it does not (MaxViT merges its heads back
-    # with `reshape(B, G, P, D)`, D from its input's shape: the input's width can shrink while the heads
-    # stay), would be read anew at run time: it becomes the dim's size.
-    resized = [n if reads_changed_size(s, b) else s for s, n in zip(resized, new, strict=True)]
-    _set_shape_args(node, resized, wrapped)
+    return [n if reads_changed_size(s, b) else s for s, n in zip(resized, new, strict=True)]
 
 
 def reads_changed_size(arg, b, memo: dict | None = None) -> bool:
@@ -392,7 +395,7 @@ def reshape_update(node, mod, b):
         d = _norm_dim(_arg(node, 1, "dim"), len(b.new_shapes(node.args[0])))
         sizes = list(_arg(node, 2, "sizes"))
         old = node.meta["tensor_meta"].shape[d : d + len(sizes)]
-        new = _resized(sizes, old, b.new_shapes(node)[d : d + len(sizes)])
+        new = _new_size_args(sizes, old, b.new_shapes(node)[d : d + len(sizes)], b)
         node.args = (node.args[0], _arg(node, 1, "dim"), tuple(new))
         node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "sizes")}
 

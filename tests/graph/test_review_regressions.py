@@ -216,6 +216,40 @@ def test_reshape_to_a_size_computed_from_a_resized_width():
     assert new(torch.randn(3, 7, 4)).shape == (3, 7, 3)  # batch and token count stay free
 
 
+@pytest.mark.parametrize("how", ["reshape", "torch.reshape", "unflatten"])
+def test_a_size_read_from_a_pruned_tensor_folds_an_unpruned_one(how):
+    """`b` is folded back with the width read from `a`, whose channels are pruned while b's are not: the size
+    given to b's (unchanged) dim stays b's width, in reshape, torch.reshape and unflatten alike."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.oa, self.ob = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            n, t, d = a.shape
+            if how == "unflatten":
+                c = b.flatten(1).unflatten(1, (t, d))
+            elif how == "torch.reshape":
+                c = torch.reshape(b, (n, t, d))
+            else:
+                c = b.reshape(n, t, d)
+            return self.oa(a) + self.ob(c)
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 5, 4)
+    with torch.no_grad():  # channels 3..7 of a carry nothing: removing them is exact
+        model.a.weight[3:] = 0
+        model.a.bias[3:] = 0
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    new = remove_channels(gm, dg.group_of("a", dim=2), list(range(3)))
+    assert new.a.out_features == 3 and new.b.out_features == 8
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+    assert new(torch.randn(3, 7, 4)).shape == (3, 7, 2)
+
+
 def _without_dead_residual_half(model: nn.Module, x: torch.Tensor, writers: tuple[str, ...]) -> nn.Module:
     """Zero channels 8..15 of the 16-wide residual stream in every layer that writes it (so they carry nothing
     and removing them is exact), then remove them: the group of `inp`'s output (dim 2)."""

@@ -137,6 +137,7 @@ class _Applier:
         # The plan does not change while it is applied: each dim's map is computed once (dims are shared
         # arrays, a residual stream's channel ids are read by every node on it).
         self._dests: dict[int, tuple] = {}
+        self.sizes: dict[fx.Node, tuple[bool, bool]] = {}  # `rules.reads_changed_size`'s answers, per size node
 
     def dest(self, ids: np.ndarray) -> tuple[np.ndarray, int, bool] | None:
         """`plan.dest(ids)`, memoised for this application of the plan."""
@@ -240,8 +241,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
             if moves:
                 _set_on(owner, attr, t)
                 reindexed.update(_prefixes(owner_name))
-    memo: dict = {}
-    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier, memo)}  # sizes of resized dims
+    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier)}  # sizes of resized dims
     for node in new.graph.nodes:
         owns = node.op == "call_module" and node.target in reindexed
         touched = (node, *node.all_input_nodes)

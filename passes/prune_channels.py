@@ -363,16 +363,15 @@ class LatencyModel:
 
     @classmethod
     def measure(
-        cls, dg: DependencyGraph, groups: list[Group], table_path: str | None, units: np.ndarray | None = None
+        cls, dg: DependencyGraph, groups: list[Group], table_path: str | None, units: np.ndarray
     ) -> LatencyModel:
         """Time the layers and ops the groups run through; `units`: per group, the multiple its kept count is
-        rounded to (`_units`; None: no rounding)."""
+        rounded to (`_units`; all 1: no rounding)."""
         from fxslim.latency import LatencyTable, default_table
 
         table = default_table() if table_path is None else LatencyTable(table_path)
         annotate(dg.gm, dg.example_inputs)  # per-node MACs in node.meta (shapes are already there from analyze)
         count = _GroupCounter(dg, groups)
-        units = np.ones(len(groups), dtype=np.int64) if units is None else units
         layers, rows, tally = _measure_layers(dg, count, table, _timed_fractions(groups, units))
         ops, op_rows = _measure_ops(dg, count, table, tally)
         table.save()

@@ -326,12 +326,12 @@ def _new_size_args(sizes, old, new, b) -> list:
     return [n if reads_changed_size(s, b) else s for s, n in zip(resized, new, strict=True)]
 
 
-def reads_changed_size(arg, b, memo: dict | None = None) -> bool:
+def reads_changed_size(arg, b) -> bool:
     """Whether `arg` is a number computed at run time only from integers and sizes of pure channel dims (each
     position one channel of a group; not a flatten of channels with batch or space, whose size can change at
     run time), at least one of which the plan resizes: `t.shape[j]`, `t.size()[j]`, `t.size(j)`, and `+ - * //`
-    of those (`C // heads`). `memo` caches the answers for nodes across calls on the same plan."""
-    return isinstance(arg, fx.Node) and _channel_size(arg, b, {} if memo is None else memo) == (True, True)
+    of those (`C // heads`). The answers are kept in `b.sizes` for the rest of the plan's application."""
+    return isinstance(arg, fx.Node) and _channel_size(arg, b, b.sizes) == (True, True)
 
 
 _SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)

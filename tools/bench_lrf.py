@@ -4,29 +4,31 @@
                               [--write-md docs/results/lrf.md]
 
 Models (baselines trained once and cached by fxslim.zoo.train.train_baseline): ResNet-20 and VGG-BN on
-scikit-learn digits (8×8 images, 1 channel; the zoo's seeded 80/20 split, 360 test images) and ResNet-20-1D
-on synthetic AMR (`--amr-frames` frames per (class, SNR) from `--amr-snr-min` to 18 dB; 20 % of them are the
-test set).
+scikit-learn digits (8×8 images, 1 channel; the zoo's seeded 80/20 split, 360 test images), or with
+`--image-task rotated_digits` on the same split upsampled to `--image-size` and each image rotated by its
+own random angle (a harder task), and ResNet-20-1D on synthetic AMR (`--amr-frames` frames per (class, SNR)
+from `--amr-snr-min` to 18 dB; 20 % of them are the test set).
 
 Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s methods ("tucker", "cp", "tt"),
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to
 `--cp-scale` of the allowed dissimilarity ("hybrid_ft": dissimilarity_scale={"cp": 0.5}, because CP chains
 recover least in fine-tuning) and the hybrid over Tucker-2 and TT only ("hybrid_nocp": candidates=["tucker",
-"tt"], the LRF paper's exclusion of a method) factorises the baseline; every factorised model's BatchNorm
-statistics are re-estimated on `--bn-batches` training batches (bn_recalibrate; 0 skips it) or, with `--reconstruct N`,
-the last layer of every chain re-fit by least squares to the original layer's output on N training batches
-(lowrank_conv reconstruct=True, as in the lrf recipes; no BN recalibration then), then it
-gets the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam 1e-3, distillation from the baseline
-at T=4) once per seed of `--seeds`; a seed reshuffles the training samples every epoch (the zoo's batch
-lists are fixed, so without it two seeds would train identically) and the accuracy of a point is the mean
-over seeds. That gives one accuracy-vs-MACs curve per method, the baseline as its full-MACs end.
+"tt"], the LRF paper's exclusion of a method; `--hybrids` picks which hybrids run) factorises the baseline;
+every factorised model's BatchNorm statistics are re-estimated on `--bn-batches` training batches
+(bn_recalibrate; 0 skips it) or, with `--reconstruct N`, the last layer of every chain re-fit by least squares
+to the original layer's output on N training batches (lowrank_conv reconstruct=True, as in the lrf recipes; no
+BN recalibration then), then it gets the same one-shot fine-tune (fxslim.training.fit, `--ft-epochs`, Adam
+1e-3, distillation from the baseline at T=4) once per seed of `--seeds`; a seed reshuffles the training
+samples every epoch (the zoo's batch lists are fixed, so without it two seeds would train identically) and the
+accuracy of a point is the mean over seeds. That gives one accuracy-vs-MACs curve per method, the baseline as
+its full-MACs end.
 
 The comparison "at equal accuracy": for an accuracy level L (baseline − 1 pt, and the levels of `--levels`)
 each method's MACs are read off its Pareto front (the grid points no cheaper point beats in accuracy, plus
 the baseline), linearly interpolated in MACs between the last front point under L and the first at or
 above it. When the method's cheapest point already reaches L the grid does not bound it from below and
-the value is reported as "≤". The hybrid wins at L against a method when its MACs are lower and that is
-not an artefact of such a bound.
+the value is reported as "≤". The hybrid wins at L against a method when its MACs are lower by more than
+1 % (closer is a tie) and that is not an artefact of such a bound.
 
 At `--ref-similarity` (one grid value) the detail table adds uniform-rank Tucker-2 (`--uniform-rank`, no
 search), tensorly-torch's Tucker `FactorizedConv` at the ranks our Tucker search chose (when tensorly-torch
@@ -60,11 +62,13 @@ from fxslim.training import fit  # noqa: E402
 from fxslim.zoo.amr import SNRS as AMR_SNRS  # noqa: E402
 from fxslim.zoo.train import TrainConfig, evaluate, train_baseline  # noqa: E402
 
-MODELS = [  # name, zoo model, dataset, model kwargs
-    ("ResNet-20 (digits)", "resnet20", "digits", {"in_ch": 1}),
-    ("VGG-BN (digits)", "vgg_bn", "digits", {"in_ch": 1}),
-    ("ResNet-20-1D (AMR)", "resnet20_1d", "amr", {}),
+MODELS = [  # name, zoo model, dataset ("image": the task of --image-task), model kwargs
+    ("ResNet-20", "resnet20", "image", {"in_ch": 1}),
+    ("VGG-BN", "vgg_bn", "image", {"in_ch": 1}),
+    ("ResNet-20-1D", "resnet20_1d", "amr", {}),
 ]
+IMAGE_TASKS = ("digits", "rotated_digits")
+TIE_MARGIN = 0.01  # MACs at a level within this share of the larger count as a tie
 SINGLE = ("tucker", "cp", "tt")
 HYBRIDS = ("hybrid", "hybrid_ft", "hybrid_nocp")
 CURVES = (*SINGLE, *HYBRIDS)
@@ -181,10 +185,27 @@ def measure_point(label, variant, similarity, new, record, model, ds, x1, args) 
     }
 
 
-def run_model(label: str, zoo: str, dataset: str, kwargs: dict, args) -> dict:
-    data_kwargs = {"n_per_class_snr": args.amr_frames} if dataset == "amr" else {}
-    if dataset == "amr" and args.amr_snr_min > AMR_SNRS.start:  # the default grid keeps the cached baseline's key
-        data_kwargs["snrs"] = list(range(args.amr_snr_min, AMR_SNRS.stop, AMR_SNRS.step))
+def chosen_models(args) -> list[tuple[str, str, str, dict, dict]]:
+    """(label, zoo model, dataset, model kwargs, data kwargs) of each model of --models, on the tasks of the
+    arguments: the image models on --image-task, ResNet-20-1D on AMR."""
+    out = []
+    for name, zoo, dataset, kwargs in MODELS:
+        if zoo not in args.models.split(","):
+            continue
+        if dataset == "amr":
+            data_kwargs = {"n_per_class_snr": args.amr_frames}
+            if args.amr_snr_min > AMR_SNRS.start:  # the default grid keeps the cached baseline's key
+                data_kwargs["snrs"] = list(range(args.amr_snr_min, AMR_SNRS.stop, AMR_SNRS.step))
+            out.append((f"{name} (AMR)", zoo, dataset, kwargs, data_kwargs))
+        elif args.image_task == "digits":
+            out.append((f"{name} (digits)", zoo, "digits", kwargs, {}))
+        else:
+            task = {"size": args.image_size, "angles": "any"}
+            out.append((f"{name} (rotated digits {args.image_size}²)", zoo, "rotated_digits", kwargs, task))
+    return out
+
+
+def run_model(label: str, zoo: str, dataset: str, kwargs: dict, data_kwargs: dict, args) -> dict:
     config = TrainConfig(epochs=args.train_epochs, patience=5)
     base = train_baseline(zoo, dataset, model_kwargs=kwargs, data_kwargs=data_kwargs, config=config)
     ds, model = base.dataset, base.model.eval()
@@ -205,7 +226,7 @@ def run_model(label: str, zoo: str, dataset: str, kwargs: dict, args) -> dict:
         "module": model,
     }
     points, records = [], {}
-    jobs = [(v, s) for s in args.grid for v in CURVES]
+    jobs = [(v, s) for s in args.grid for v in (*SINGLE, *args.hybrids)]
     for variant, sim in tqdm(jobs, desc=label, leave=False):
         new, record = factorise(gm, ds.example(4), ds.train, variant, sim, args)
         records[variant, sim] = record
@@ -236,7 +257,7 @@ def run_model(label: str, zoo: str, dataset: str, kwargs: dict, args) -> dict:
         "points": points,
         "detail": detail,
         "layer_order": layer_order,
-        "hybrid_layers": {v: records[v, args.ref_similarity]["layers"] for v in HYBRIDS},
+        "hybrid_layers": {v: records[v, args.ref_similarity]["layers"] for v in args.hybrids},
     }
 
 
@@ -281,18 +302,19 @@ def macs_at(points: list[tuple[int, float]], level: float) -> tuple[float | None
     return None, True
 
 
-def compare(hybrid: tuple[float | None, bool], other: tuple[float | None, bool]) -> str:
-    """'wins' / 'loses' / 'ties' / 'open' for the hybrid's MACs at a level against another method's."""
+def compare(hybrid: tuple[float | None, bool], other: tuple[float | None, bool], tie: float = 0.0) -> str:
+    """'wins' / 'loses' / 'ties' / 'open' for the hybrid's MACs at a level against another method's. MACs
+    within a share `tie` of the larger tie: a hybrid that differs from a method in one small layer does not win."""
     (h, h_bounded), (o, o_bounded) = hybrid, other
     if h is None:
         return "loses" if o is not None else "open"
     if o is None:
         return "wins"
+    if abs(h - o) <= tie * max(h, o):
+        return "ties" if h_bounded and o_bounded else "open"
     if h < o:
         return "wins" if o_bounded else "open"  # the other's true value may lie anywhere below its bound
-    if h > o:
-        return "loses" if h_bounded else "open"
-    return "ties" if h_bounded and o_bounded else "open"
+    return "loses" if h_bounded else "open"
 
 
 def measured(result: dict) -> list[str]:
@@ -314,7 +336,7 @@ def equal_accuracy(result: dict, drops: list[float]) -> list[dict]:
     for drop in drops:
         level = base["accuracy"] - drop / 100
         at = {v: macs_at(curve(result, v), level) for v in measured(result)}
-        verdicts = {h: {v: compare(at[h], at[v]) for v in SINGLE} for h in HYBRIDS if h in at}
+        verdicts = {h: {v: compare(at[h], at[v], TIE_MARGIN) for v in SINGLE} for h in HYBRIDS if h in at}
         rows.append({"model": result["model"], "drop_pt": drop, "level": level, "macs": at, "verdicts": verdicts})
     return rows
 
@@ -512,6 +534,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "frames far below 0 dB are near chance for every model and make accuracy differences noise",
     )
     p.add_argument("--models", default=",".join(m[1] for m in MODELS))
+    p.add_argument(
+        "--image-task",
+        choices=IMAGE_TASKS,
+        default="digits",
+        help="task of ResNet-20 and VGG-BN: the 8×8 digits, or the digits upsampled to --image-size and each "
+        "rotated by its own random angle (a harder task)",
+    )
+    p.add_argument("--image-size", type=int, default=16, help="image side for --image-task rotated_digits")
+    p.add_argument(
+        "--hybrids", default=",".join(HYBRIDS), help=f"hybrids to run besides the single methods: {', '.join(HYBRIDS)}"
+    )
     p.add_argument("--latency-budget", type=float, default=1.0)
     p.add_argument("--json", default=None)
     p.add_argument("--write-md", default=None)
@@ -528,6 +561,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_epochs = 15
         if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
             args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
+    args.hybrids = tuple(h for h in args.hybrids.split(",") if h)
+    if unknown := set(args.hybrids) - set(HYBRIDS):
+        p.error(f"--hybrids: unknown {', '.join(sorted(unknown))} (valid: {', '.join(HYBRIDS)})")
+    if "hybrid" not in args.hybrids:
+        p.error("--hybrids must include 'hybrid' (the paper's; its choices are the chart)")
     args.grid = [float(s) for s in args.grid.split(",")]
     args.levels = [float(s) for s in args.levels.split(",")]
     if 1.0 not in args.levels:
@@ -540,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_settings(run: dict) -> str:
     """One run's command, wall time and the settings it ran with (its argv parsed again)."""
     a = parse_args(run["argv"])
-    models = ", ".join(label for label, zoo, _, _ in MODELS if zoo in a.models.split(","))
+    models = ", ".join(m[0] for m in chosen_models(a))
     return (
         f"`python tools/bench_lrf.py {' '.join(run['argv'])}`: {models}; {run['seconds'] / 60:.1f} min. Similarity "
         f"grid {', '.join(f'{s:g}' for s in a.grid)} (detail table at {a.ref_similarity:g}); {a.calib} calibration "
@@ -550,6 +588,11 @@ def run_settings(run: dict) -> str:
             f"each chain's last layer re-fit by least squares on {a.reconstruct} training batches (reconstruct)"
             if a.reconstruct
             else f"BatchNorm recalibrated on {a.bn_batches} training batches"
+        )
+        + (
+            f"; images: the digits upsampled to {a.image_size}×{a.image_size}, each rotated by a random angle"
+            if getattr(a, "image_task", "digits") == "rotated_digits"
+            else ""
         )
         + (
             f"; AMR {a.amr_frames} frames per (class, SNR), SNR {getattr(a, 'amr_snr_min', AMR_SNRS.start)}.."
@@ -623,8 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    chosen = [m for m in MODELS if m[1] in args.models.split(",")]
-    results = [without_modules(run_model(label, zoo, ds, kw, args)) for label, zoo, ds, kw in chosen]
+    results = [without_modules(run_model(*model, args)) for model in chosen_models(args)]
     run = {"bench": "lrf", "argv": argv, "quick": args.quick, "results": results}
     run["seconds"] = time.perf_counter() - t0
     report(args, [run])

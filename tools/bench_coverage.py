@@ -12,6 +12,10 @@ fxslim or work around a failure inside it.
     python tools/bench_coverage.py --quick [--torch-pruning]                 # 14 models, a few minutes
     python tools/bench_coverage.py --json out/coverage.jsonl --write-md      # all 80 classifiers
     python tools/bench_coverage.py --models resnet18,swin_t --ort-latency
+    python tools/bench_coverage.py --recipe '[{"pass": "lowrank_conv", "method": "tucker", "rank": 0.5}]'
+
+`--recipe` replaces the pruning recipe by any recipe whose passes need no data (a JSON list, a TOML file or a
+built-in name): the same stages, checks and table for other rewrites.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZE = 64
 RATIO = 0.5
+DEFAULT_RECIPE = [{"pass": "prune_channels", "ratio": RATIO}]
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ SPECIAL: dict[str, Special] = {
 REPEAT_UNDER_S = 10.0  # --repeat times a tool again only while its runs so far total less than this (CPU s)
 
 MD_LEGEND = (
-    "Recipe: `prune_channels` ratio {ratio}, random weights (all-zero heads re-drawn), eval, batch 1, input "
+    "Recipe: {recipe}, random weights (all-zero heads re-drawn), eval, batch 1, input "
     "{size}x{size} unless noted (see `SPECIAL` in the tool). *seconds* = wall time of `fxslim.compress` (trace, "
     "shapes, analysis, pruning, cost recount); *params*/*MACs* = after/before; *onnx err* = max abs "
     "ORT-vs-PyTorch error of the pruned model; *out max* = its max |output| (random-init logits are small, read "
@@ -177,6 +182,7 @@ def bench_model(
     onnx_dir: Path | None = None,
     progress: Path | None = None,
     repeat: int = 1,
+    recipe=None,
 ) -> dict[str, Any]:
     """Run every stage on one model; returns a flat record (also written to `progress` after each step so
     the parent can tell where a timed-out or crashed worker was)."""
@@ -192,7 +198,7 @@ def bench_model(
     step = _stepper(rec, progress)
     step("setup")
     try:
-        _run_stages(name, sp, rec, step, ort_latency, onnx_dir, repeat)
+        _run_stages(name, sp, rec, step, ort_latency, onnx_dir, repeat, recipe)
         rec["status"], rec["stage"] = "ok", ""
     except StageFailure as f:
         rec.update(
@@ -235,12 +241,14 @@ def _randomize_zero_weights(model) -> list[str]:
     return changed
 
 
-def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir: Path | None, repeat: int = 1) -> None:
+def _run_stages(
+    name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir: Path | None, repeat: int = 1, recipe=None
+) -> None:
     import torch
     import torchvision
 
     import fxslim
-    from fxslim.recipe import registry
+    from fxslim.recipe import load_recipe, registry
 
     try:
         torch.manual_seed(0)
@@ -268,9 +276,10 @@ def _run_stages(name, sp: Special, rec: dict, step, ort_latency: bool, onnx_dir:
     del dg
 
     step("rewrite")
-    recipe = [{"pass": "prune_channels", "ratio": RATIO}]
+    recipe = DEFAULT_RECIPE if recipe is None else recipe
     try:
-        registry()["prune_channels"]  # importing the pass module is a once-per-process cost, not per-model work
+        for spec in load_recipe(recipe):  # importing a pass module is a once-per-process cost, not per-model work
+            registry()[spec.name]
         t0, c0 = time.perf_counter(), time.process_time()
         res = fxslim.compress(model, (x,), recipe)
         rec["compress_s"], rec["compress_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
@@ -411,7 +420,7 @@ def bench_torch_pruning(name: str, *, progress: Path | None = None, repeat: int 
 
 
 def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | None, threads: int,
-                 peer: bool = False, repeat: int = 1) -> dict:
+                 peer: bool = False, repeat: int = 1, recipe: str | None = None) -> dict:
     """Run one model in a fresh interpreter, killed after `timeout` seconds (a slow or crashing model
     cannot block or take down the run; memory of huge models is returned to the OS in between)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,6 +441,8 @@ def run_isolated(name: str, timeout: float, ort_latency: bool, onnx_dir: Path | 
             cmd.append("--ort-latency")
         if onnx_dir:
             cmd += ["--onnx-dir", str(onnx_dir)]
+        if recipe is not None:
+            cmd += ["--recipe", recipe]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -622,8 +633,8 @@ def summary_text(s: dict) -> str:
     med = _fmt(s["median_compress_s"], ".2f")
     stages = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_stage"].items())) or "none"
     text = (
-        f"{s['ok']} OK of {s['total']} models; failures by stage: {stages}; median analysis+pruning "
-        f"(fxslim.compress) {med} s; wall {s['wall_s']:.0f} s"
+        f"recipe {recipe_text(s.get('recipe'))}: {s['ok']} OK of {s['total']} models; failures by stage: {stages}; "
+        f"median fxslim.compress {med} s; wall {s['wall_s']:.0f} s"
     )
     if "tp_ok" in s:
         tp_stages = ", ".join(f"{k}: {v}" for k, v in sorted(s["tp_failed_by_stage"].items())) or "none"
@@ -648,6 +659,10 @@ def _is_output(group: dict) -> bool:
     return str(group.get("reason")).startswith("reaches the model output")
 
 
+def recipe_text(recipe: str | None) -> str:
+    return f"`prune_channels` ratio {RATIO}" if recipe is None else f"`{recipe}`"
+
+
 def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) -> None:
     import torch
     import torchvision
@@ -661,7 +676,7 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) ->
         f"{torchvision.__version__}, {os.cpu_count()} CPU cores ({platform.machine()}), "
         f"{s.get('threads', 1)} torch thread(s); fxslim at commit {code_version()}.",
         "",
-        MD_LEGEND.format(ratio=RATIO, size=DEFAULT_SIZE),
+        MD_LEGEND.format(recipe=recipe_text(s.get("recipe")), ratio=RATIO, size=DEFAULT_SIZE),
         "",
         f"**{summary_text(s)}**",
         "",
@@ -744,13 +759,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"Torch-Pruning: a freshly built model each time) while the runs total under {REPEAT_UNDER_S:g} CPU s; the "
         "tables then add the ratio of the minima next to the first run's",
     )
+    p.add_argument(
+        "--recipe",
+        help="run this recipe instead of prune_channels ratio 0.5: a JSON list of passes, a TOML file or a built-in "
+        "name; its passes get no calibration data",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-peer", help=argparse.SUPPRESS)
     p.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peer_timeout is None:
         args.peer_timeout = 60.0 if args.quick else 300.0
+    if args.recipe is not None and args.torch_pruning:
+        p.error("--torch-pruning compares channel pruning: it runs with the default recipe only")
     return args
+
+
+def recipe_of(args: argparse.Namespace):
+    """The recipe --recipe names (a JSON list is parsed here; a path or built-in name is resolved by
+    fxslim.load_recipe), or None for the default pruning recipe."""
+    if args.recipe is None:
+        return None
+    text = args.recipe.strip()
+    return json.loads(text) if text.startswith("[") else text
 
 
 def _import_checkout() -> None:
@@ -803,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _quiet()
         bench_model(args.worker, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir, progress=args.progress,
-                    repeat=args.repeat)
+                    repeat=args.repeat, recipe=recipe_of(args))
         return 0
     if args.worker_peer:
         _quiet()
@@ -838,10 +869,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(name)
         if args.per_model_timeout > 0:
             rec = run_isolated(name, args.per_model_timeout, args.ort_latency, args.onnx_dir, args.threads,
-                               repeat=args.repeat)
+                               repeat=args.repeat, recipe=args.recipe)
         else:
             t0 = time.perf_counter()
-            rec = bench_model(name, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir, repeat=args.repeat)
+            rec = bench_model(name, ort_latency=args.ort_latency, onnx_dir=args.onnx_dir, repeat=args.repeat,
+                              recipe=recipe_of(args))
             rec["wall_s"] = time.perf_counter() - t0
         if args.torch_pruning:
             rec["tp"] = run_isolated(name, args.peer_timeout, False, None, args.threads, peer=True,
@@ -858,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     s = summary_of(records, time.perf_counter() - t_start)
     s["threads"] = args.threads
+    s["recipe"] = args.recipe
     if args.json:
         with args.json.open("a") as fh:
             fh.write(json.dumps(s) + "\n")

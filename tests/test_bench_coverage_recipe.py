@@ -22,6 +22,11 @@ def test_recipe_argument_forms():
     assert bc.recipe_of(bc.parse_args(["--recipe", "prune50"])) == "prune50"  # built-in: fxslim resolves it
     with pytest.raises(SystemExit):
         bc.parse_args(["--recipe", LOWRANK, "--torch-pruning"])
+    with pytest.raises(SystemExit):  # would overwrite the pruning recipe's page
+        bc.parse_args(["--recipe", LOWRANK, "--write-md"])
+    assert bc.parse_args(["--recipe", LOWRANK, "--write-md", "out.md"]).write_md == Path("out.md")
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--recipe", '[{"pass": "lowrank_conv",]'])
 
 
 def test_a_lowrank_recipe_runs_through_every_stage():

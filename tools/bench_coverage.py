@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZE = 64
 RATIO = 0.5
 DEFAULT_RECIPE = [{"pass": "prune_channels", "ratio": RATIO}]
+PRUNING_MD = REPO / "docs/results/coverage.md"  # --write-md's page for the default recipe
 
 
 @dataclass(frozen=True)
@@ -727,7 +728,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--write-md",
         nargs="?",
-        const=REPO / "docs/results/coverage.md",
+        const=PRUNING_MD,
         type=Path,
         help="write the markdown table (default docs/results/coverage.md)",
     )
@@ -770,8 +771,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.peer_timeout is None:
         args.peer_timeout = 60.0 if args.quick else 300.0
-    if args.recipe is not None and args.torch_pruning:
-        p.error("--torch-pruning compares channel pruning: it runs with the default recipe only")
+    if args.recipe is not None:
+        if args.torch_pruning:
+            p.error("--torch-pruning compares channel pruning: it runs with the default recipe only")
+        if args.write_md == PRUNING_MD:
+            p.error(f"--recipe: give --write-md a path ({PRUNING_MD.relative_to(REPO)} is the pruning recipe's page)")
+        try:
+            recipe_of(args)
+        except json.JSONDecodeError as exc:
+            p.error(f"--recipe is not a valid JSON list: {exc}")
     return args
 
 

@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -672,7 +673,7 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str]) ->
     lines = [
         "# fxslim coverage on torchvision classifiers",
         "",
-        f"Command: `{' '.join(['python', 'tools/bench_coverage.py', *argv])}`  ",
+        f"Command: `{shlex.join(['python', 'tools/bench_coverage.py', *argv])}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, {os.cpu_count()} CPU cores ({platform.machine()}), "
         f"{s.get('threads', 1)} torch thread(s); fxslim at commit {code_version()}.",

@@ -591,7 +591,7 @@ def run_settings(run: dict) -> str:
         )
         + (
             f"; images: the digits upsampled to {a.image_size}×{a.image_size}, each rotated by a random angle"
-            if getattr(a, "image_task", "digits") == "rotated_digits"
+            if a.image_task == "rotated_digits"
             else ""
         )
         + (

@@ -61,3 +61,11 @@ def test_hybrids_option_is_checked():
         bl.parse_args(["--hybrids", "hybrid,nope"])
     with pytest.raises(SystemExit):
         bl.parse_args(["--hybrids", "hybrid_ft"])
+
+
+def test_models_option_defaults_to_the_issues_three_and_is_checked():
+    assert [m[1] for m in bl.chosen_models(bl.parse_args([]))] == ["resnet20", "vgg_bn", "resnet20_1d"]
+    extra = bl.chosen_models(bl.parse_args(["--models", "resnet56,densenet_small"]))
+    assert [(m[0], m[2]) for m in extra] == [("ResNet-56 (digits)", "digits"), ("DenseNet-S (digits)", "digits")]
+    with pytest.raises(SystemExit):
+        bl.parse_args(["--models", "resnet20,resnet21"])

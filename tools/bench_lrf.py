@@ -66,7 +66,10 @@ MODELS = [  # name, zoo model, dataset ("image": the task of --image-task), mode
     ("ResNet-20", "resnet20", "image", {"in_ch": 1}),
     ("VGG-BN", "vgg_bn", "image", {"in_ch": 1}),
     ("ResNet-20-1D", "resnet20_1d", "amr", {}),
+    ("ResNet-56", "resnet56", "image", {"in_ch": 1}),
+    ("DenseNet-S", "densenet_small", "image", {"in_ch": 1}),
 ]
+DEFAULT_MODELS = ("resnet20", "vgg_bn", "resnet20_1d")  # the three; the others on request
 IMAGE_TASKS = ("digits", "rotated_digits")
 TIE_MARGIN = 0.01  # MACs at a level within this share of the larger count as a tie
 SINGLE = ("tucker", "cp", "tt")
@@ -533,7 +536,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"lowest AMR SNR in dB (grid {AMR_SNRS.start}..{AMR_SNRS[-1]} step {AMR_SNRS.step}): "
         "frames far below 0 dB are near chance for every model and make accuracy differences noise",
     )
-    p.add_argument("--models", default=",".join(m[1] for m in MODELS))
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, of: {', '.join(m[1] for m in MODELS)} (the deeper ResNet-56 and the small DenseNet-BC "
+        "run on the image task too)",
+    )
     p.add_argument(
         "--image-task",
         choices=IMAGE_TASKS,
@@ -561,6 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_epochs = 15
         if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
             args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
+    if unknown := set(args.models.split(",")) - {m[1] for m in MODELS}:
+        p.error(f"--models: unknown {', '.join(sorted(unknown))} (valid: {', '.join(m[1] for m in MODELS)})")
     args.hybrids = tuple(h for h in args.hybrids.split(",") if h)
     if unknown := set(args.hybrids) - set(HYBRIDS):
         p.error(f"--hybrids: unknown {', '.join(sorted(unknown))} (valid: {', '.join(HYBRIDS)})")

@@ -69,3 +69,13 @@ def test_models_option_defaults_to_the_issues_three_and_is_checked():
     assert [(m[0], m[2]) for m in extra] == [("ResNet-56 (digits)", "digits"), ("DenseNet-S (digits)", "digits")]
     with pytest.raises(SystemExit):
         bl.parse_args(["--models", "resnet20,resnet21"])
+
+
+def test_levels_above_the_baseline_are_labelled_as_such():
+    base = {"macs": 1_000, "accuracy": 0.95}
+    variants = ("tucker", "cp", "tt", "hybrid")
+    points = [{"variant": v, "similarity": 0.7, "macs": 400, "accuracy": 0.97} for v in variants]
+    rows = bl.equal_accuracy({"model": "m", "baseline": base, "points": points}, [1.0, -1.0])
+    assert [r["level"] for r in rows] == [pytest.approx(0.94), pytest.approx(0.96)]
+    table = bl.equal_accuracy_table(rows, {"m": 1_000})
+    assert "94.00% (−1 pt)" in table and "96.00% (+1 pt)" in table

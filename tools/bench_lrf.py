@@ -370,7 +370,8 @@ def equal_accuracy_table(rows: list[dict], base_macs: dict[str, int]) -> str:
         verdicts = " | ".join(
             " / ".join(r["verdicts"][h][v] for v in SINGLE) if h in r["verdicts"] else "–" for h in hybrids
         )
-        lines.append(f"| {r['model']} | {r['level']:.2%} (−{r['drop_pt']:g} pt) | {cells} | {verdicts} |")
+        offset = f"{'−' if r['drop_pt'] >= 0 else '+'}{abs(r['drop_pt']):g} pt"  # a negative drop: above the baseline
+        lines.append(f"| {r['model']} | {r['level']:.2%} ({offset}) | {cells} | {verdicts} |")
     return "\n".join(lines)
 
 
@@ -513,7 +514,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--grid", default="0.6,0.7,0.8,0.9", help="similarity thresholds, comma-separated")
     p.add_argument("--ref-similarity", type=float, default=0.8, help="grid value of the detail table")
-    p.add_argument("--levels", default="1,0.5,2", help="accuracy drops (pt) to compare MACs at; 1 is the target")
+    p.add_argument(
+        "--levels",
+        default="1,0.5,2",
+        help="accuracy drops (pt) to compare MACs at; 1 is the target; a negative drop is a level above the baseline",
+    )
     p.add_argument("--seeds", type=int, default=2, help="fine-tune seeds averaged per point")
     p.add_argument("--uniform-rank", type=float, default=0.5)
     p.add_argument("--calib", type=int, default=256, help="calibration samples for the rank search")

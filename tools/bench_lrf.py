@@ -7,7 +7,9 @@ Models (baselines trained once and cached by fxslim.zoo.train.train_baseline): R
 scikit-learn digits (8×8 images, 1 channel; the zoo's seeded 80/20 split, 360 test images), or with
 `--image-task rotated_digits` on the same split upsampled to `--image-size` and each image rotated by its
 own random angle (a harder task), and ResNet-20-1D on synthetic AMR (`--amr-frames` frames per (class, SNR)
-from `--amr-snr-min` to 18 dB; 20 % of them are the test set).
+from `--amr-snr-min` to 18 dB; 20 % of them are the test set). Those three are the default of `--models`;
+`resnet56` (the 56-layer CIFAR ResNet) and `densenet_small` (a small DenseNet-BC) run on the image task too
+when named.
 
 Per model and per similarity threshold of `--grid`, each of `lowrank_conv`'s methods ("tucker", "cp", "tt"),
 the hybrid as in the paper ("hybrid": method="auto", objective="flops") and the hybrid that holds CP chains to

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_lrf as bl  # noqa: E402
 
+from fxslim.zoo import models as zoo_models  # noqa: E402
+
 
 @pytest.mark.parametrize(
     ("hybrid", "other", "verdict"),
@@ -67,6 +69,9 @@ def test_models_option_defaults_to_the_issues_three_and_is_checked():
     assert [m[1] for m in bl.chosen_models(bl.parse_args([]))] == ["resnet20", "vgg_bn", "resnet20_1d"]
     extra = bl.chosen_models(bl.parse_args(["--models", "resnet56,densenet_small"]))
     assert [(m[0], m[2]) for m in extra] == [("ResNet-56 (digits)", "digits"), ("DenseNet-S (digits)", "digits")]
+    assert all(m[3] == {"in_ch": 1} for m in extra)  # the digits are 1-channel images
+    assert all(m[1] in zoo_models.MODELS for m in bl.MODELS)
+    assert [m[1] for m in bl.chosen_models(bl.parse_args(["--models", "resnet20,"]))] == ["resnet20"]
     with pytest.raises(SystemExit):
         bl.parse_args(["--models", "resnet20,resnet21"])
 

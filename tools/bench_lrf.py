@@ -576,7 +576,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_epochs = 15
         if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
             args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
-    if unknown := set(args.models.split(",")) - {m[1] for m in MODELS}:
+    if unknown := {m for m in args.models.split(",") if m} - {m[1] for m in MODELS}:
         p.error(f"--models: unknown {', '.join(sorted(unknown))} (valid: {', '.join(m[1] for m in MODELS)})")
     args.hybrids = tuple(h for h in args.hybrids.split(",") if h)
     if unknown := set(args.hybrids) - set(HYBRIDS):

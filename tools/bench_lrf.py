@@ -195,7 +195,7 @@ def chosen_models(args) -> list[tuple[str, str, str, dict, dict]]:
     arguments: the image models on --image-task, ResNet-20-1D on AMR."""
     out = []
     for name, zoo, dataset, kwargs in MODELS:
-        if zoo not in args.models.split(","):
+        if zoo not in args.models:
             continue
         if dataset == "amr":
             data_kwargs = {"n_per_class_snr": args.amr_frames}
@@ -553,7 +553,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--image-task",
         choices=IMAGE_TASKS,
         default="digits",
-        help="task of ResNet-20 and VGG-BN: the 8×8 digits, or the digits upsampled to --image-size and each "
+        help="task of the image models: the 8×8 digits, or the digits upsampled to --image-size and each "
         "rotated by its own random angle (a harder task)",
     )
     p.add_argument("--image-size", type=int, default=16, help="image side for --image-task rotated_digits")
@@ -576,7 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_epochs = 15
         if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
             args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
-    if unknown := {m for m in args.models.split(",") if m} - {m[1] for m in MODELS}:
+    args.models = tuple(m for m in args.models.split(",") if m)
+    if unknown := set(args.models) - {m[1] for m in MODELS}:
         p.error(f"--models: unknown {', '.join(sorted(unknown))} (valid: {', '.join(m[1] for m in MODELS)})")
     args.hybrids = tuple(h for h in args.hybrids.split(",") if h)
     if unknown := set(args.hybrids) - set(HYBRIDS):
@@ -612,7 +613,7 @@ def run_settings(run: dict) -> str:
             else ""
         )
         + (
-            f"; AMR {a.amr_frames} frames per (class, SNR), SNR {getattr(a, 'amr_snr_min', AMR_SNRS.start)}.."
+            f"; AMR {a.amr_frames} frames per (class, SNR), SNR {a.amr_snr_min}.."
             f"{AMR_SNRS[-1]} dB, baseline {a.train_epochs} epochs"
             if "AMR" in models
             else ""

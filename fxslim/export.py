@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fxslim.errors import ExportError
+from fxslim.quiet import quiet
 
 log = logging.getLogger(__name__)
 
@@ -451,21 +452,22 @@ def _quantize_int8(
                 # (e.g. GroupMaxPool's unflatten(1, (-1, 4)) of e2cnn models); ONNX's own inference suffices.
                 quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
             excluded = _nodes_of_modules(onnx.load(str(pre), load_external_data=False), fp32_modules or [], name)
-            quantize_static(
-                str(pre),
-                str(path),
-                _Reader(names, batches),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method={
-                    "minmax": CalibrationMethod.MinMax,
-                    "percentile": CalibrationMethod.Percentile,
-                    "entropy": CalibrationMethod.Entropy,
-                }[calibration],
-                nodes_to_exclude=excluded,
-            )
+            with quiet():  # the calibrator prints its progress on every call; FXSLIM_DEBUG=1 shows it
+                quantize_static(
+                    str(pre),
+                    str(path),
+                    _Reader(names, batches),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method={
+                        "minmax": CalibrationMethod.MinMax,
+                        "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy,
+                    }[calibration],
+                    nodes_to_exclude=excluded,
+                )
     except ExportError:
         raise
     except Exception as exc:

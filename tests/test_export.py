@@ -170,6 +170,19 @@ def test_int8_without_calib_data_uses_example_inputs(tmp_path):
     assert quantized_op_counts(tmp_path / "q.onnx").get("QLinearConv", 0) > 0
 
 
+@pytest.mark.parametrize("debug", ["", "1"], ids=["quiet", "FXSLIM_DEBUG"])
+def test_int8_export_keeps_the_calibrators_chatter_out_of_stdout_unless_debugging(tmp_path, capfd, monkeypatch, debug):
+    monkeypatch.setenv("FXSLIM_DEBUG", debug)
+    calib = [torch.randn(1, 3, 8, 8) for _ in range(2)]
+    export_onnx(_small_net(), torch.randn(1, 3, 8, 8), tmp_path / "q.onnx", quantize="int8", calib_data=calib)
+    out, err = capfd.readouterr()
+    if debug:  # onnxruntime's calibrator prints its progress with Python's print on every call
+        assert "Collecting tensor data and making histogram" in out
+    else:
+        assert out == ""
+        assert "histogram" not in err
+
+
 def test_calibration_batch_of_wrong_shape_raises(tmp_path):
     with pytest.raises(ExportError, match="calib_data batch shapes"):
         export_onnx(

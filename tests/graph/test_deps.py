@@ -552,3 +552,72 @@ def test_dim_groups_looks_up_a_shared_id_array_once_with_the_same_answer():
     assert _dim_groups(shared, atom_group, label) == want
     assert _dim_groups(copies, atom_group, label) == want
     assert _dim_groups([("n", 0, b)], atom_group, label) == []
+
+
+def test_slice_after_ellipsis_is_moved_with_the_removed_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 48), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(x)[..., 16:32])
+
+    model, x = M().eval(), torch.randn(3, 4)
+    gm = fxslim.trace(model)
+    dg = fxslim.analyze(gm, (x,))
+    keep = [i for i in range(48) if i not in (0, 1, 2, 3, 40, 41, 42, 43)]
+    new = remove_channels(gm, dg.group_of("fc"), keep)
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_1d_and_3d_resizing_keep_channels_prunable():
+    class M(nn.Module):
+        def __init__(self, dims):
+            super().__init__()
+            conv = nn.Conv1d if dims == 1 else nn.Conv3d
+            self.a, self.b = conv(2, 8, 1), conv(8, 3, 1)
+            self.up = nn.Upsample(scale_factor=2) if dims == 1 else None
+
+        def forward(self, x):
+            y = self.a(x)
+            y = self.up(y) if self.up is not None else F.interpolate(y, scale_factor=2.0)
+            return self.b(y)
+
+    for dims, shape in ((1, (1, 2, 6)), (3, (1, 2, 2, 2, 2))):
+        model, x = M(dims).eval(), torch.randn(*shape)
+        res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+        assert res.module.a.out_channels == 4 and res.module(x).shape == model(x).shape
+
+
+def test_masked_fill_mask_follows_the_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.register_buffer("mask", torch.arange(8).view(1, 8, 1, 1) % 3 == 0)
+
+        def forward(self, x):
+            return self.b(self.a(x).masked_fill(self.mask, 0.0))
+
+    model, x = M().eval(), torch.randn(1, 3, 4, 4)
+    res = fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": 0.5}])
+    assert res.module(x).shape == (1, 2, 4, 4) and res.module.mask.shape == (1, 4, 1, 1)
+
+
+def test_unusual_keyword_arguments_freeze_instead_of_crashing():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):  # x: (B, T, 4)
+            y = self.a(x).transpose(dim0=1, dim1=2)
+            return self.b(y.sum(axis=2))
+
+    dg = fxslim.analyze(M(), (torch.randn(2, 3, 4),))
+    assert [u.target for u in dg.unsupported] == ["transpose"]
+    g = _group(dg, "a", 2)  # a's outputs stop at the transpose its rule cannot read: their own, frozen group
+    assert g.size == 6 and _members(g) == {("a", 2), ("a.weight", 0), ("a.bias", 0)}
+    assert g.frozen.all() and not g.prunable and "transpose" in g.reason
+    assert [g.size for g in dg.groups] == [6, 2] and dg.prunable_groups == []

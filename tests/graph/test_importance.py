@@ -1,4 +1,5 @@
-"""atom_scores against scores written out by hand on a small conv → BN → conv → linear net."""
+"""atom_scores against scores written out by hand on a small conv → BN → conv → linear net; a PReLU slope
+is not a norm scale."""
 
 from __future__ import annotations
 
@@ -99,3 +100,10 @@ def test_scores_do_not_depend_on_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_prelu_slope_is_not_a_norm_scale():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.Conv2d(4, 2, 1))
+    dg = fxslim.analyze(model, (torch.randn(1, 3, 2, 2),))
+    g = dg.group_of("_0")
+    assert list(atom_scores(dg, "bn_scale")[g.atoms]) == list(atom_scores(dg, "l1")[g.atoms])

@@ -26,8 +26,9 @@ Per row: test accuracy, drop vs baseline (points), invariance error (max |f(rot9
 batch), params, MACs, fine-tune epochs, ONNX bytes, and onnxruntime latency (process CPU time, one thread,
 interleaved, batch 1 and 64) with its speed-up over the fp32 baseline. Measurement only.
 
-    python tools/bench_equivariant.py --quick
-    python tools/bench_equivariant.py --json out/equivariant.jsonl --write-md docs/results/equivariant.md
+    python tools/bench_equivariant.py --quick          # the plot goes to runs/equivariant/
+    python tools/bench_equivariant.py --json runs/equivariant/equivariant.jsonl \
+        --write-md docs/results/equivariant.md --plot docs/equivariant_accuracy_vs_params.png   # the docs' page
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_io import write_outputs  # noqa: E402
+from bench_io import md_link, run_path, write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import export_report, ort_latency  # noqa: E402
@@ -147,15 +148,24 @@ NOTES = """## How to read this
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 training epochs, one ratio per scope, 2 FT epochs")
     p.add_argument("--ft-epochs", type=int, help="fine-tune epoch cap (default 50, the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line of all figures to this file")
     p.add_argument("--write-md", help="write the results table to this markdown file")
-    p.add_argument("--plot", default=str(REPO / "docs" / "equivariant_accuracy_vs_params.png"))
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--plot",
+        default=str(run_path("equivariant", "equivariant_accuracy_vs_params.png")),
+        help="write the accuracy-vs-params chart here (default %(default)s; docs/equivariant_accuracy_vs_params.png"
+        " for the docs' figure)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # e2cnn 0.2.3 uint8 masks; torch.ao deprecation
     cfg = dict(QUICK if args.quick else FULL)
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     plot = plot_rows(rows, Path(args.plot))
     print(f"plot: {plot}; wall {wall:.0f} s")
-    write_outputs(figures, args.json, args.write_md, markdown(figures, plot))
+    write_outputs(figures, args.json, args.write_md, markdown(figures, plot, args.write_md) if args.write_md else None)
     return 0
 
 
@@ -599,7 +609,7 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def markdown(figures: dict, plot: Path) -> str:
+def markdown(figures: dict, plot: Path, md_path: str) -> str:
     return "\n".join(
         [
             "# Equivariant compression: C4 e2cnn CNN on rotated digits",
@@ -609,7 +619,7 @@ def markdown(figures: dict, plot: Path) -> str:
             "",
             table(figures["rows"]),
             "",
-            f"![accuracy vs params](../{plot.name})",
+            f"![accuracy vs params]({md_link(plot, md_path)})",
             "",
             NOTES,
         ]

@@ -1,7 +1,8 @@
 """Real speed after structured pruning: onnxruntime time ratio against MAC ratio, per objective.
 
-    python tools/bench_latency.py --quick
-    python tools/bench_latency.py --json out/latency.jsonl --write-md --plot --profile
+    python tools/bench_latency.py --quick --plot      # the chart goes to runs/latency/
+    python tools/bench_latency.py --json runs/latency/latency.jsonl --profile \
+        --write-md --plot docs/latency_speed_per_mac.png    # the docs' page (docs/results/latency.md) and figure
 
 For ResNet-18/50, MobileNetV3-Large, EfficientNet-B0, ConvNeXt-Tiny and ViT-B/16 (torchvision, random init,
 eval, batch 1; inputs --size, 64x64 by default, ViT-B/16 at --vit-size with image_size the same, 32x32 by
@@ -39,6 +40,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from bench_io import md_link, run_path  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -343,7 +346,7 @@ def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str], wa
         for v, x in s.items()
     ]
     if plot_path:
-        lines += ["", f"![speed per MAC](../{Path(plot_path).name})"]
+        lines += ["", f"![speed per MAC]({md_link(plot_path, path)})"]
     prof = [r for r in records if r.get("profile")]
     if prof:
         lines += ["", "## Where the time goes (onnxruntime per-op profile, ms per run, one thread)", ""]
@@ -375,8 +378,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--profile", action="store_true", help="add an onnxruntime per-op profile per model")
     p.add_argument("--json", type=Path, help="append one JSON line per model and a summary line")
-    p.add_argument("--write-md", nargs="?", const=REPO / "docs/results/latency.md", type=Path)
-    p.add_argument("--plot", nargs="?", const=REPO / "docs/latency_speed_per_mac.png", type=Path)
+    p.add_argument(
+        "--write-md",
+        nargs="?",
+        const=REPO / "docs/results/latency.md",
+        type=Path,
+        help="write the markdown page here (bare: %(const)s)",
+    )
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const=run_path("latency", "latency_speed_per_mac.png"),
+        type=Path,
+        help="write the speed-per-MAC chart here (bare: %(const)s); docs/latency_speed_per_mac.png is the docs' one",
+    )
     return p.parse_args(argv)
 
 

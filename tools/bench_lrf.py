@@ -1,7 +1,7 @@
 """Low-rank factorisation benchmark: accuracy against MACs for each LRF method and the hybrid.
 
-    python tools/bench_lrf.py [--quick] [--grid 0.6,0.7,0.8,0.9] [--seeds 2] [--json out.jsonl]
-                              [--write-md docs/results/lrf.md]
+    python tools/bench_lrf.py [--quick] [--grid 0.6,0.7,0.8,0.9] [--seeds 2] [--json runs/lrf/lrf.jsonl]
+                              [--write-md docs/results/lrf.md --plot docs/lrf_methods.png --curves docs/lrf_curves.png]
 
 Models (baselines trained once and cached by fxslim.zoo.train.train_baseline): ResNet-20 and VGG-BN on
 scikit-learn digits (8×8 images, 1 channel; the zoo's seeded 80/20 split, 360 test images), or with
@@ -37,9 +37,10 @@ search), tensorly-torch's Tucker `FactorizedConv` at the ranks our Tucker search
 is installed; MACs by torch.utils.flop_counter, FLOPs/2), and ORT latency at batch 1 (fxslim.export.ort_latency:
 process CPU time, one thread, the variants of a model interleaved). Prints the tables and the targets,
 appends one JSON line, writes a markdown page, a chart of the hybrid's per-layer choices (`--plot`) and the
-accuracy-vs-MACs curves (`--curves`). `--report-from a.jsonl,b.jsonl` writes the report of earlier runs
-(e.g. the digits models and AMR run side by side). --quick: thresholds 0.8 and 0.9, one seed, one
-fine-tune epoch, fewer AMR frames and calibration samples."""
+accuracy-vs-MACs curves (`--curves`); the charts go to runs/lrf/ unless those flags name other paths (docs/
+only so). `--report-from a.jsonl,b.jsonl` writes the report of earlier runs (e.g. the digits models and AMR
+run side by side). --quick: thresholds 0.8 and 0.9, one seed, one fine-tune epoch, fewer AMR frames and
+calibration samples."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench_io import md_link, run_path  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -563,8 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-budget", type=float, default=1.0)
     p.add_argument("--json", default=None)
     p.add_argument("--write-md", default=None)
-    p.add_argument("--plot", default="docs/lrf_methods.png")
-    p.add_argument("--curves", default="docs/lrf_curves.png")
+    p.add_argument("--plot", help="the hybrid's per-layer choices chart (default runs/lrf/lrf[_quick]_methods.png)")
+    p.add_argument("--curves", help="the accuracy-vs-MACs chart (default runs/lrf/lrf[_quick]_curves.png)")
     p.add_argument("--cp-scale", type=float, default=0.5, help="hybrid_ft: CP's share of the allowed dissimilarity")
     p.add_argument("--report-from", default=None, help="JSON files (comma-separated) of earlier runs: report only")
     args = p.parse_args(argv)
@@ -574,8 +577,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.grid, args.ref_similarity, args.seeds = "0.8,0.9", 0.9, 1
         args.calib, args.ft_epochs, args.amr_frames, args.latency_budget = 256, 1, 20, 0.5
         args.train_epochs = 15
-        if args.plot == "docs/lrf_methods.png" and args.curves == "docs/lrf_curves.png":  # keep the full run's charts
-            args.plot, args.curves = "docs/lrf_quick_methods.png", "docs/lrf_quick_curves.png"
+    run = "lrf_quick" if args.quick else "lrf"  # a quick run keeps the full run's charts
+    args.plot = str(run_path("lrf", f"{run}_methods.png")) if args.plot is None else args.plot
+    args.curves = str(run_path("lrf", f"{run}_curves.png")) if args.curves is None else args.curves
     args.models = tuple(m for m in args.models.split(",") if m)
     if unknown := set(args.models) - {m[1] for m in MODELS}:
         p.error(f"--models: unknown {', '.join(sorted(unknown))} (valid: {', '.join(m[1] for m in MODELS)})")
@@ -629,9 +633,9 @@ def markdown(args, runs: list[dict], sections: dict[str, str], checks: list[str]
         f"{commands}\n\n2-core CPU shared with other jobs, one torch thread; MACs at batch 1.\n\n"
         f"## MACs at equal accuracy\n\n{sections['equal']}\n\n## Targets\n\n"
         + "\n".join(f"- {c}" for c in checks)
-        + f"\n\n![accuracy vs MACs](../{Path(args.curves).name})\n\n## All points\n\n{sections['grid']}\n\n"
+        + f"\n\n![accuracy vs MACs]({md_link(args.curves, args.write_md)})\n\n## All points\n\n{sections['grid']}\n\n"
         "## At the reference similarity, with uniform rank, tensorly-torch and latency\n\n"
-        f"{sections['detail']}\n\n![hybrid per-layer choice](../{Path(args.plot).name})\n"
+        f"{sections['detail']}\n\n![hybrid per-layer choice]({md_link(args.plot, args.write_md)})\n"
     )
 
 

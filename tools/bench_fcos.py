@@ -14,8 +14,9 @@ and reports params and MACs (ratios to the baseline), accuracy overall and at SN
 onnxruntime latency ratio to the baseline (process CPU time, one thread, interleaved; batch 1 and batch 64).
 It plots accuracy vs MACs and LaCD's probe accuracy per block. Measurement only: no compression logic here.
 
-    python tools/bench_fcos.py --quick                       # a few minutes: small data, two epsilons
-    python tools/bench_fcos.py --json out/fcos.jsonl --write-md docs/results/fcos.md
+    python tools/bench_fcos.py --quick         # a few minutes: small data, two epsilons; plots in runs/fcos/
+    python tools/bench_fcos.py --json runs/fcos/fcos.jsonl \
+        --write-md docs/results/fcos.md --plot-prefix docs/fcos   # the docs' page and figures
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_io import run_path, write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                    "per op type vs per-run overhead) of each baseline and its fcos_fuse architecture at each epsilon")
     p.add_argument("--render", help="run nothing: merge the JSON lines of this file (e.g. one run per model) "
                    "into the plots and --write-md table")
-    p.add_argument("--plot-prefix", default=str(REPO / "docs" / "fcos"), help="PNG path prefix (default docs/fcos)")
+    p.add_argument("--plot-prefix", default=str(run_path("fcos", "fcos")),
+                   help="PNG path prefix (default %(default)s; docs/fcos: the docs' figures)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for key, value in (("models", args.models), ("epsilons", args.epsilons)):
@@ -94,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         prof = {"bench": "fcos", "profile": [r for m in cfg["models"] for r in profile_model(m, cfg, args.seed)]}
         print(profile_table(prof["profile"]))
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(prof) + "\n")
+        write_outputs(prof, args.json, None, None)
         return 0
     if args.render:
         lines = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
@@ -119,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = plot_accuracy_vs_macs(rows, Path(f"{args.plot_prefix}_accuracy_vs_macs.png")), plot_probes(
         probes, Path(f"{args.plot_prefix}_lacd_probes.png"))
     print(f"plots: {', '.join(str(p) for p in plots)}; wall {wall:.0f} s")
-    if args.json and not args.render:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(figures) + "\n")
-    if args.write_md:
-        Path(args.write_md).write_text(markdown(figures, plots, args.write_md))
+    md = markdown(figures, plots, args.write_md) if args.write_md else None
+    write_outputs(figures, None if args.render else args.json, args.write_md, md)
     return 0
 
 
@@ -367,6 +366,7 @@ def plot_probes(probes: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install bench-install
+.PHONY: demo test test-fast lint install bench-install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m fxslim.demo
 
+# every test, slow ones included, and the 15 slowest named (where to look when the suite grows)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# while editing: all but the tests marked slow (large torchvision models, recipes, fresh interpreters)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 # peers for the benchmarks in tools/ (Torch-Pruning, tensorly-torch); not needed by fxslim or its tests
 bench-install: $(STAMP)

@@ -24,6 +24,7 @@ def test_every_listed_module_is_a_pass_named_after_its_file():
         reg["nope"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s
 def test_one_pass_recipe_imports_only_that_pass():
     code = (
         "import sys, torch, fxslim\n"

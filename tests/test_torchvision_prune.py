@@ -21,6 +21,7 @@ MODELS = {
     "efficientnet_b0": ({}, 64),
     "vit_b_16": ({"image_size": 32}, 32),
 }
+SLOW = {"densenet121", "efficientnet_b0", "vit_b_16"}  # 1-5 s each on two cores: `make test` only, not test-fast
 
 
 def _calibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -36,7 +37,7 @@ def _calibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("round_to", [1, 8])
-@pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in SLOW else []) for n in MODELS])
 def test_torchvision_prune_half_forward_and_onnx_parity(name, round_to, tmp_path):
     kwargs, size = MODELS[name]
     torch.manual_seed(0)

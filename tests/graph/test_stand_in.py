@@ -125,8 +125,17 @@ def test_random_nets_get_the_plain_runs_metadata(spec):
     assert fast == plain
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 32), ("mobilenet_v3_small", 32), ("convnext_tiny", 32),
-                                       ("swin_t", 32), ("densenet121", 32), ("vit_b_32", 32)])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnet18", 32),
+        ("mobilenet_v3_small", 32),
+        ("convnext_tiny", 32),
+        ("swin_t", 32),
+        pytest.param("densenet121", 32, marks=pytest.mark.slow),
+        pytest.param("vit_b_32", 32, marks=pytest.mark.slow),
+    ],
+)
 def test_torchvision_models_get_the_plain_runs_metadata(name, size):
     kwargs = {"image_size": size} if name.startswith("vit") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()

@@ -167,14 +167,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from fxslim.recipe import builtin_recipes, pass_options, registry
+    from fxslim.recipe import builtin_recipes, pass_schema, registry
 
     print('passes (in a recipe: a name, or {"pass": name, option: value, ...}):\n')
     for name, module in registry().items():
         print(f"  {name}")
         print(textwrap.fill(_first_sentence(name, module), 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
-        options = ", ".join(f"{k}={v!r}" for k, v in pass_options(name).items())
-        print(textwrap.fill(f"options: {options or '(none)'}", 100, initial_indent=" " * 6, subsequent_indent=" " * 15))
+        rows = pass_schema(name).table()
+        if not rows:
+            print("      options: (none)")
+        for option, default, valid, help_text in rows:
+            print(f"      {option} = {default}   [{valid}]")
+            print(textwrap.fill(help_text, 100, initial_indent=" " * 10, subsequent_indent=" " * 10))
     print(f"\nbuilt-in recipes (--recipe NAME): {', '.join(builtin_recipes()) or '(none yet)'}")
     return 0
 

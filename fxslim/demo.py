@@ -23,8 +23,8 @@ from fxslim.zoo.train import TrainConfig, evaluate, train_baseline
 
 RECIPE = [
     {"pass": "fcos_fuse", "epsilon": 0.5},
-    {"pass": "lacd_drop", "beta": 0.005, "probe_samples": 1024},
-    {"pass": "bn_recalibrate", "batches": 20},
+    {"pass": "lacd_drop", "beta": 0.005, "calib_samples": 1024},
+    {"pass": "bn_recalibrate", "calib_batches": 20},
     {"pass": "finetune", "epochs": 6, "lr": 1e-3, "kd_temperature": 4.0},
     "fold_bn",
 ]
@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     recipe = [dict(p) if isinstance(p, dict) else p for p in RECIPE]
     recipe[FINETUNE]["epochs"] = ft_epochs
     if args.quick:
-        recipe[1]["probe_samples"] = 256
+        recipe[1]["calib_samples"] = 256
     x = ds.example()
     print(f"\nfxslim.compress with recipe {recipe}")
     res = fxslim.compress(base.model, (x,), recipe, data=ds.train, dump_dir=out / "ir", seed=args.seed)

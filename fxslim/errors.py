@@ -3,7 +3,17 @@ module, node or option at fault. Never raise a bare KeyError/ValueError from pub
 
 
 class FxslimError(Exception):
-    """Base class of every error fxslim raises on purpose."""
+    """Base class of every error fxslim raises on purpose. `pass_name` is the pass it happened in: set by the
+    pass's option schema wrapper (fxslim/options.py) when the error leaves `run`, shown as the message's
+    prefix, so a pass never writes its own name into a message."""
+
+    def __init__(self, message: str = "", *, pass_name: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pass_name = pass_name
+
+    def __str__(self) -> str:
+        return f"pass {self.pass_name!r}: {self.message}" if self.pass_name else self.message
 
 
 class TraceError(FxslimError):

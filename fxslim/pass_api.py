@@ -1,6 +1,7 @@
 """What every pass sees and returns. A pass is a module in `passes/` with a `NAME` string and one entry
-point `run(gm, ctx, **options) -> PassResult`; its keyword-only options are the recipe options (the pass
-manager checks recipe keys against the signature). A pass must never mutate the GraphModule it is given."""
+point `run(gm, ctx, **options) -> PassResult`; its keyword-only options are the recipe options, declared with
+their types and ranges in the pass's `OPTIONS` schema (fxslim/options.py), which checks them before any pass
+runs. A pass must never mutate the GraphModule it is given."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class PassContext:
         from fxslim.errors import PassError
 
         if self.data is None:
-            raise PassError(f"pass {pass_name!r} needs data=: an iterable of (x, y) batches (e.g. a DataLoader)")
+            raise PassError("needs data=: an iterable of (x, y) batches (e.g. a DataLoader)", pass_name=pass_name)
         return self.data
 
 

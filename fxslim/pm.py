@@ -21,6 +21,7 @@ from fxslim import e2cnn_adapter
 from fxslim.dump import dump_ir
 from fxslim.errors import AnalysisError, FxslimError, PassError
 from fxslim.graph.cost import Cost, annotate
+from fxslim.options import check_graph
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.recipe import PassSpec, registry
 
@@ -57,6 +58,7 @@ def output_shapes(gm: fx.GraphModule) -> list:
 def run_passes(
     gm: fx.GraphModule, specs: list[PassSpec], ctx: PassContext, dump_dir: Path | None = None
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
+    check_graph(specs, gm, ctx.data is not None, registry())  # before any work: names in ignore, data needed
     cost = annotate(gm, ctx.example_inputs)
     want = output_shapes(gm)
     base_error = symmetry_error(gm, ctx.example_inputs)
@@ -115,9 +117,8 @@ def _run_one(gm: fx.GraphModule, spec: PassSpec, ctx: PassContext) -> PassResult
     try:
         result = registry()[spec.name].run(gm, ctx, **spec.options)
     except FxslimError as exc:
-        if str(exc).startswith(f"pass {spec.name!r}"):
-            raise
-        raise type(exc)(f"pass {spec.name!r}: {exc}") from exc
+        exc.pass_name = exc.pass_name or spec.name  # the pass's schema wrapper names it; this is the fallback
+        raise
     except Exception as exc:
         raise PassError(f"pass {spec.name!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, PassResult) or not isinstance(result.module, fx.GraphModule):
@@ -154,7 +155,7 @@ def _check_symmetry(result: PassResult, spec: PassSpec, example_inputs: tuple) -
             gm.meta[e2cnn_adapter.LAYOUT_META] = e2cnn_adapter.current_layout(gm, layout)
         error = symmetry_error(gm, example_inputs)
     except FxslimError as exc:
-        raise PassError(f"pass {spec.name!r}: {exc}") from exc
+        raise PassError(str(exc), pass_name=spec.name) from exc
     if error is not None and not error < SYMMETRY_ATOL and not result.record.get("int8"):
         raise PassError(
             f"pass {spec.name!r} broke the model's {gm.meta['group']} invariance: rot90 of the "

@@ -2,13 +2,13 @@
 
 A recipe is a list whose items are a pass name or a dict {"pass": name, **options}, a path to a TOML file
 with [[pass]] tables holding the same keys, or the name of a built-in recipe in fxslim/recipes/. Every pass
-name and option is checked against the registry (the keyword-only parameters of each pass's `run`) before
-anything runs; a mistake is a RecipeError that lists what is valid. This file never runs a pass."""
+name, option name and option value is checked against the pass's option schema (fxslim/options.py) before
+anything runs; a mistake is a RecipeError that names the pass, the option and what is valid. This file never
+runs a pass."""
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from types import ModuleType
 import tomllib
 
 from fxslim.errors import RecipeError
+from fxslim.options import Schema, schema_of
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -47,6 +48,7 @@ class PassRegistry(Mapping[str, ModuleType]):
             mod = importlib.import_module(f"fxslim.passes.{name}")
             if getattr(mod, "NAME", None) != name or not callable(getattr(mod, "run", None)):
                 raise RecipeError(f"module fxslim.passes.{name} is not a pass: it needs NAME = {name!r} and run()")
+            schema_of(mod)  # a pass without an option schema is refused on first lookup
             self._loaded[name] = mod
         return self._loaded[name]
 
@@ -66,10 +68,14 @@ def registry() -> PassRegistry:
     return PassRegistry()
 
 
+def pass_schema(name: str) -> Schema:
+    """The option schema of pass `name`."""
+    return schema_of(registry()[name])
+
+
 def pass_options(name: str) -> dict[str, object]:
     """The options of pass `name` with their defaults."""
-    sig = inspect.signature(registry()[name].run)
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return dict(pass_schema(name).defaults)
 
 
 def builtin_recipes() -> list[str]:
@@ -125,9 +131,4 @@ def _spec(item, position: int) -> PassSpec:
     passes = registry()
     if name not in passes:
         raise RecipeError(f"unknown pass {name!r} (item {position}); valid passes: {', '.join(passes)}")
-    valid = pass_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise RecipeError(f"pass {name!r} has no option {', '.join(map(repr, unknown))}; "
-                          f"valid options: {', '.join(valid) or '(none)'}")
-    return PassSpec(name, options)
+    return PassSpec(name, pass_schema(name).check(options))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim import e2cnn_adapter
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.graph.clone import detach_tensors
 from fxslim.rewrite import ChannelPlan
 from fxslim.training import split_batch
@@ -43,12 +43,6 @@ class _Target:
     module: str  # qualified module name in new
     out_idx: np.ndarray | None  # kept output channels of the old layer, in their new order (None: all)
     old_node: str | None = None  # the node of old whose output it is fitted to (None: the same name)
-
-
-def check_calib_batches(where: str, value) -> None:
-    """A RecipeError unless `value` (a pass's calib_batches option) is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecipeError(f"{where}: calib_batches={value!r} must be an integer >= 1")
 
 
 def refit_after_pruning(

@@ -1,7 +1,7 @@
 """Pass `asr`: Adaptive Signal Resuscitation (papers/asr-2605.21426), channel-wise variance repair after
 magnitude pruning, with the layer-wise repair baseline as `mode="layer"`.
 
-On one calibration set (the first `samples` samples of `ctx.data`) the dense model and the pruned model run
+On one calibration set (the first `calib_samples` samples of `ctx.data`) the dense model and the pruned model run
 side by side, node by node, in eval mode. At the output of every conv/linear layer the per-channel variances
 v_d (dense) and v_p (pruned, with every earlier layer already repaired) give the correction γ, which is folded
 into the weights at once, so later layers are measured on the repaired signal. No op is added to the graph.
@@ -19,24 +19,26 @@ Placement (where the correction acts):
   A layer without a BN behind it is repaired at its own output, as with "conv".
 
 The dense model is the pruned model with the state saved by `magnitude_prune` (gm.meta) put back, or else
-`ctx.reference` when it has the same structure. The calibration set runs as one batch, so `samples` bounds the
+`ctx.reference` when it has the same structure. The calibration set runs as one batch, so `calib_samples` bounds the
 memory. This file never mutates the GraphModule it is given and never edits a tensor in place."""
 
 from __future__ import annotations
 
+import copy
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.calibrate import recalibrate_bn_
+from fxslim.dense_state import DENSE_META, prunable_layers
+from fxslim.errors import PassError
 from fxslim.graph.clone import clone_gm
+from fxslim.module_state import eval_mode
 from fxslim.modules import ChannelAffine
+from fxslim.options import Option, Schema, calib_samples_option, ignore_option
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.passes import bn_recalibrate
-from fxslim.passes.magnitude_prune import DENSE_META, prunable_layers
 from fxslim.rewrite import set_tensor
 from fxslim.training import split_batch
 
@@ -56,6 +58,22 @@ class Site:
     bn_node: str | None = None
 
 
+OPTIONS = Schema(
+    Option("placement", str, "bn: γ through the next BatchNorm (re-estimated first); conv: into the layer's rows",
+           choices=PLACEMENTS),
+    Option("mode", str, "channel: one γ per output channel (ASR); layer: one γ per layer (baseline)", choices=MODES),
+    Option("shrinkage", bool, "shrink each γ toward 1 by s = v_p / (v_p + λ) (channel mode)"),
+    Option("lam", float, "λ of the shrinkage; None: threshold × the layer's median v_p", range=">= 0", none=True),
+    Option("threshold", float, "the data-driven λ as a fraction of the layer's median variance", range=">= 0"),
+    calib_samples_option("calibration samples read from data (run as one batch)", minimum=2, aliases=("samples",)),
+    Option("recalibrate_bn", bool, "re-estimate the BatchNorm statistics on the calibration batches"),
+    Option("fold", bool, "fold each correction into its layer or BN; false: keep a ChannelAffine op"),
+    ignore_option("conv/linear module names left as they are"),
+    needs_data=lambda o: "the calibration samples",
+)
+
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -65,7 +83,7 @@ def run(
     shrinkage: bool = True,
     lam: float | None = None,
     threshold: float = 0.05,
-    samples: int = 1024,
+    calib_samples: int = 1024,
     recalibrate_bn: bool = True,
     fold: bool = True,
     ignore: list[str] | tuple[str, ...] = (),
@@ -76,7 +94,7 @@ def run(
     shrinkage: shrink each channel's γ toward 1 by s = v_p / (v_p + λ) (channel mode only).
     lam: λ; None (default) is data-driven: `threshold` × the layer's median v_p, so corrections fade to 1
     for channels whose variance is below that fraction of the median.
-    samples: calibration samples taken from ctx.data (run as one batch).
+    calib_samples: calibration samples taken from ctx.data (run as one batch).
     recalibrate_bn: re-estimate the BatchNorm statistics on the same calibration samples.
     fold: True (default) folds every correction into the layer or BN that carries it (no op added); False
     keeps each as a ChannelAffine op right after that layer/BN (same outputs; the scales stay visible and
@@ -86,14 +104,13 @@ def run(
     record: {"placement", "mode", "shrinkage", "lambda", "samples", "recalibrated", "layers": {layer:
     {"applied_at", "gamma_min", "gamma_mean", "gamma_max", "shrunk"}}, "channels": {layer: {"v_dense",
     "v_pruned", "gamma"}}, "skipped": {layer: reason}}."""
-    _check_options(placement, mode, shrinkage, lam, threshold, samples)
     out = clone_gm(gm)
     out.meta.pop(DENSE_META, None)  # the dense copy has done its job; the output should not carry it
     dense = dense_model(gm, ctx)
-    inputs, batches = _calibration(ctx, samples)
+    inputs, batches = _calibration(ctx, calib_samples)
     sites, skipped = _sites(out, placement, ignore)
 
-    with _eval(out), _eval(dense):
+    with eval_mode(out), eval_mode(dense):
         v_dense = _Recorder(dense, {s.node for s in sites}).measure(*inputs)
         repair = _Repair(
             out,
@@ -124,7 +141,8 @@ def run(
     }
     if recalibrate_bn:
         if placement == "conv":
-            out = bn_recalibrate.run(out, ctx, batches=batches).module
+            out = copy.deepcopy(out)
+            recalibrate_bn_(out, ctx.data, batches=batches, momentum=None, device=ctx.device)
         record["recalibrated"] = True
     ctx.debug("asr: %s", record["layers"])
     return PassResult(out, True, record)
@@ -139,7 +157,7 @@ def dense_model(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
         if bad:
             raise PassError(
-                f"pass {NAME!r}: the dense state saved by magnitude_prune no longer fits the model "
+                f"the dense state saved by magnitude_prune no longer fits the model "
                 f"(a structural pass ran in between; changed: {bad[:5]}); run channel pruning before "
                 "magnitude_prune"
             )
@@ -153,21 +171,9 @@ def dense_model(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if all(k in theirs and theirs[k].shape == v.shape for k, v in own.items()):
             return ref
     raise PassError(
-        f"pass {NAME!r} needs the dense model: run magnitude_prune before it (it saves the dense "
+        "needs the dense model: run magnitude_prune before it (it saves the dense "
         "state), or give a ctx.reference with the same structure"
     )
-
-
-@contextmanager
-def _eval(gm: nn.Module):
-    """Eval mode for the duration, then every module's own training flag back."""
-    training = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
-    try:
-        yield gm
-    finally:
-        for name, m in gm.named_modules():
-            m.training = training[name]
 
 
 def channel_variance(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -202,21 +208,6 @@ def gamma(
     return s * g_star + (1 - s), s  # ASR: γ_i = s_i γ*_i + (1 − s_i)
 
 
-def _check_options(placement, mode, shrinkage, lam, threshold, samples) -> None:
-    if placement not in PLACEMENTS:
-        raise RecipeError(f"pass {NAME!r}: placement={placement!r}; valid: {', '.join(PLACEMENTS)}")
-    if mode not in MODES:
-        raise RecipeError(f"pass {NAME!r}: mode={mode!r}; valid: {', '.join(MODES)}")
-    if not isinstance(shrinkage, bool):
-        raise RecipeError(f"pass {NAME!r}: shrinkage={shrinkage!r} must be true or false (λ is `lam`)")
-    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0):
-        raise RecipeError(f"pass {NAME!r}: lam={lam!r} must be None (data-driven) or a number >= 0")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-        raise RecipeError(f"pass {NAME!r}: threshold={threshold!r} must be a number >= 0")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise RecipeError(f"pass {NAME!r}: samples={samples!r} must be an integer >= 2")
-
-
 def _calibration(ctx: PassContext, limit: int) -> tuple[tuple[torch.Tensor, ...], int]:
     """The first `limit` samples of ctx.data, concatenated per model input, and how many batches that took."""
     parts: list[tuple] = []
@@ -228,7 +219,7 @@ def _calibration(ctx: PassContext, limit: int) -> tuple[tuple[torch.Tensor, ...]
         if n >= limit:
             break
     if n < 2:
-        raise PassError(f"pass {NAME!r}: ctx.data gave {n} samples; variances need at least 2")
+        raise PassError(f"ctx.data gave {n} samples; variances need at least 2")
     joined = tuple(torch.cat([p[i] for p in parts])[:limit].to(ctx.device) for i in range(len(parts[0])))
     return joined, len(parts)
 

@@ -25,16 +25,28 @@ import numpy as np
 from torch import fx, nn
 
 from fxslim import e2cnn_adapter
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.graph.deps import DependencyGraph, Group, analyze
+from fxslim.options import CALIB_BATCHES, Option, Schema, ignore_option
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.reconstruct import check_calib_batches, refit_after_pruning
+from fxslim.reconstruct import refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
 
 NAME = "equivariant_prune"
 SCOPES = ("linear", "fields", "all")
 
+OPTIONS = Schema(
+    Option("ratio", float, "fraction of each pruned layer's units or fields removed (at least one kept)",
+           range="[0, 1)"),
+    Option("scope", str, "linear (the paper: Linear units), fields (whole R2Conv fields) or all", choices=SCOPES),
+    ignore_option("module names never pruned"),
+    Option("reconstruct", bool, "least-squares re-fit of the layers that read changed channels (needs data)"),
+    CALIB_BATCHES,
+    needs_data=lambda o: "reconstruct=True re-fits on data" if o["reconstruct"] else None,
+)
 
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -53,16 +65,11 @@ def run(
     record: {"scope", "ratio", "layers": [{"layer", "kind", "before", "after"}], "removed_units",
     "removed_fields"}, and with reconstruct "reconstructed": [{"layer", "samples", "rel_error_before",
     "rel_error_after"}]."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise RecipeError(f"pass {NAME!r}: ratio={ratio!r} must be in [0, 1)")
-    if scope not in SCOPES:
-        raise RecipeError(f"pass {NAME!r}: scope={scope!r}; valid: {', '.join(SCOPES)}")
-    check_calib_batches(f"pass {NAME!r}", calib_batches)
     data = ctx.require_data(NAME) if reconstruct else None
     layout = gm.meta.get(e2cnn_adapter.LAYOUT_META) or []
     if scope == "fields" and not layout:
         raise PassError(
-            f"pass {NAME!r}: scope='fields' needs a model with a field layout (an e2cnn model "
+            f"scope='fields' needs a model with a field layout (an e2cnn model "
             f"traced by fxslim); {type(gm).__name__} declares none"
         )
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
@@ -76,7 +83,7 @@ def run(
     for layer, kind, group, scores in targets:
         if group.index in seen:
             raise PassError(
-                f"pass {NAME!r}: layer {layer!r} shares its channels with another pruned layer "
+                f"layer {layer!r} shares its channels with another pruned layer "
                 f"({group!r}); prune them with prune_channels instead"
             )
         seen.add(group.index)

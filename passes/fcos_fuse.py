@@ -19,8 +19,9 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 from torch import fx
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.graph.deps import DependencyGraph, Group, analyze
+from fxslim.options import Option, Requires, Schema, ignore_option
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.rewrite import ChannelPlan, apply_plan, occurrence_rank
 
@@ -28,7 +29,20 @@ NAME = "fcos_fuse"
 LINKAGES = ("average", "complete", "single", "ward")
 WEIGHTINGS = ("mean", "l1")
 
+OPTIONS = Schema(
+    Option("epsilon", float, "fraction of each group's channels fused away: ceil((1 - epsilon) * C) clusters",
+           range="[0, 1)", none=True),
+    Option("threshold", float, "cut the dendrogram at this cosine distance instead (set epsilon to None)",
+           range=">= 0", none=True),
+    Option("linkage", str, "agglomerative clustering linkage (ward on unit-normalised rows)", choices=LINKAGES),
+    Option("how", str, "producer rows of a cluster: mean (the paper's Eq. 5) or l1-weighted", choices=WEIGHTINGS),
+    ignore_option("module names whose channels are never fused"),
+    rules=[Requires(lambda o: (o["epsilon"] is None) != (o["threshold"] is None),
+                    "give exactly one of epsilon (fraction fused away) and threshold (cosine distance)")],
+)
 
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -44,7 +58,6 @@ def run(
     linkage: "average" | "complete" | "single" | "ward" (ward on unit-normalised rows).
     how: "mean" (the paper's Eq. 5) or "l1" (producer rows weighted by their L1 norms).
     ignore: module names whose channels are never fused."""
-    _check(epsilon, threshold, linkage, how)
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
     groups = dg.prunable_groups
     if not groups:
@@ -117,16 +130,3 @@ def _cluster(rows: np.ndarray, epsilon, threshold, method: str, channels: np.nda
     labels = hierarchy.fcluster(z, t=threshold, criterion="distance") if threshold is not None else \
         hierarchy.fcluster(z, t=k, criterion="maxclust")
     return [channels[labels == c] for c in np.unique(labels) if (labels == c).sum() > 1]
-
-
-def _check(epsilon, threshold, method: str, how: str) -> None:
-    if (epsilon is None) == (threshold is None):
-        raise RecipeError("give exactly one of epsilon (fraction fused away) and threshold (cosine distance)")
-    if epsilon is not None and not (isinstance(epsilon, (int, float)) and 0 <= epsilon < 1):
-        raise RecipeError(f"epsilon={epsilon!r} must be in [0, 1)")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
-        raise RecipeError(f"threshold={threshold!r} must be >= 0")
-    if method not in LINKAGES:
-        raise RecipeError(f"linkage={method!r}; valid: {', '.join(LINKAGES)}")
-    if how not in WEIGHTINGS:
-        raise RecipeError(f"how={how!r}; valid: {', '.join(WEIGHTINGS)}")

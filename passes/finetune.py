@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx
 
 from fxslim import e2cnn_adapter
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
+from fxslim.options import Option, Schema
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.training import OPTIMIZERS, SCHEDULERS, evaluate_accuracy, fit, fit_record_empty
 
@@ -55,6 +54,31 @@ COSINE_ADAPTIVE = {
 }
 
 
+OPTIONS = Schema(
+    Option("epochs", int, "passes over the training batches (an upper bound with patience)", range=">= 0"),
+    Option("lr", float, "learning rate", range=">= 0"),
+    Option("optimizer", str, "adam, or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS),
+    Option("weight_decay", float, "L2 penalty handed to the optimizer", range=">= 0"),
+    Option("scheduler", str, "LR schedule: step (StepLR), cosine, plateau (ReduceLROnPlateau); None: constant",
+           choices=tuple(s for s in SCHEDULERS if s), none=True),
+    Option("step_size", int, "epochs between LR decays of the step scheduler", range=">= 1"),
+    Option("gamma", float, "LR decay factor of the step scheduler", range="(0, 1]"),
+    Option("kd_temperature", float, "distil from the untouched model at this temperature; None: labels only",
+           range="> 0", none=True),
+    Option("kd_alpha", float, "weight of the distillation term", range="[0, 1]"),
+    Option("patience", int, "early stopping after this many epochs without a better val accuracy; None: off",
+           range=">= 1", none=True),
+    Option("val_fraction", float, "fraction of the batches held out for validation", range="(0, 1)"),
+    Option("max_batches_per_epoch", int, "cap on the training batches per epoch; None: all", range=">= 1",
+           none=True),
+    Option("adaptive", bool, "train only when the accuracy drop against the untouched model exceeds min_drop"),
+    Option("min_drop", float, "the accuracy drop (0.02 = 2 points) that triggers training when adaptive",
+           range="[0, 1)"),
+    needs_data=lambda o: "the training batches",
+)
+
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -117,12 +141,11 @@ def run(
         adaptive=adaptive,
         min_drop=min_drop,
     )
-    opts.check()
     data = ctx.require_data(NAME)
     if kd_temperature is not None and ctx.reference is None:
-        raise PassError(f"pass {NAME!r}: kd_temperature is set but ctx.reference (the teacher) is None")
+        raise PassError("kd_temperature is set but ctx.reference (the teacher) is None")
     if adaptive and ctx.reference is None:
-        raise PassError(f"pass {NAME!r}: adaptive=True compares with ctx.reference, which is None")
+        raise PassError("adaptive=True compares with ctx.reference, which is None")
     return _adaptive(gm, ctx, data, opts) if adaptive else _train(gm, ctx, data, opts)
 
 
@@ -143,7 +166,7 @@ def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) 
     if gm.meta.get(e2cnn_adapter.GROUP_META):
         if not e2cnn_adapter.can_symmetrize(gm):
             raise PassError(
-                f"pass {NAME!r}: training would break the declared {gm.meta['group']} symmetry; "
+                f"training would break the declared {gm.meta['group']} symmetry; "
                 "only C4 models with regular or trivial fields are kept equivariant"
             )
         hook = gm.register_forward_pre_hook(lambda module, args: e2cnn_adapter.symmetrize_(module))
@@ -199,7 +222,7 @@ def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batch
         n_val = max(1, int(len(batches) * val_fraction))
         if n_val >= len(batches):
             raise PassError(
-                f"pass {NAME!r}: {len(batches)} batch(es) cannot be split into training and validation; "
+                f"{len(batches)} batch(es) cannot be split into training and validation; "
                 "give more batches, or drop patience / the plateau scheduler"
             )
         train, val = batches[:-n_val], batches[-n_val:]
@@ -207,7 +230,7 @@ def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batch
             train = train[:max_batches]
     if not train:
         raise PassError(
-            f"pass {NAME!r}: ctx.data yielded no training batches (it must be re-iterable each epoch: "
+            "ctx.data yielded no training batches (it must be re-iterable each epoch: "
             "a list or a DataLoader, not a generator)"
         )
     return train, val
@@ -231,46 +254,3 @@ class Options:
     max_batches_per_epoch: int | None
     adaptive: bool
     min_drop: float
-
-    def check(self) -> None:
-        """RecipeError naming the option and its valid values for the first bad one."""
-        for ok, message in self._problems():
-            if not ok:
-                raise RecipeError(f"pass {NAME!r}: {message}")
-
-    def _problems(self) -> list[tuple[bool, str]]:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        o = self
-        return [
-            (is_int(o.epochs) and o.epochs >= 0, f"epochs must be an integer >= 0, got {o.epochs!r}"),
-            (is_num(o.lr) and o.lr >= 0, f"lr must be >= 0, got {o.lr!r}"),
-            (o.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}"),
-            (is_num(o.weight_decay) and o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay!r}"),
-            (o.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {o.scheduler!r}"),
-            (is_int(o.step_size) and o.step_size >= 1, f"step_size must be an integer >= 1, got {o.step_size!r}"),
-            (is_num(o.gamma) and 0 < o.gamma <= 1, f"gamma must be in (0, 1], got {o.gamma!r}"),
-            (
-                o.kd_temperature is None or (is_num(o.kd_temperature) and o.kd_temperature > 0),
-                f"kd_temperature must be > 0, got {o.kd_temperature!r}",
-            ),
-            (is_num(o.kd_alpha) and 0 <= o.kd_alpha <= 1, f"kd_alpha must be in [0, 1], got {o.kd_alpha!r}"),
-            (
-                o.patience is None or (is_int(o.patience) and o.patience >= 1),
-                f"patience must be None or >= 1, got {o.patience!r}",
-            ),
-            (
-                is_num(o.val_fraction) and 0 < o.val_fraction < 1,
-                f"val_fraction must be in (0, 1), got {o.val_fraction!r}",
-            ),
-            (
-                o.max_batches_per_epoch is None or (is_int(o.max_batches_per_epoch) and o.max_batches_per_epoch >= 1),
-                f"max_batches_per_epoch must be None or an integer >= 1, got {o.max_batches_per_epoch!r}",
-            ),
-            (isinstance(o.adaptive, bool), f"adaptive must be True or False, got {o.adaptive!r}"),
-            (is_num(o.min_drop) and 0 <= o.min_drop < 1, f"min_drop must be in [0, 1), got {o.min_drop!r}"),
-        ]

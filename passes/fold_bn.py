@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxslim.options import Schema
 from fxslim.pass_api import PassContext, PassResult
 
 NAME = "fold_bn"
@@ -26,6 +27,10 @@ _FOLDABLE: dict[type[nn.Module], type[nn.Module]] = {
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+OPTIONS = Schema()
+
+
+@OPTIONS.checks
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fold every foldable (conv | linear) -> BatchNorm pair of a copy of `gm`; list the others as skipped.
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.graph.shape import propagate
+from fxslim.options import Option, Schema, calib_samples_option
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.rewrite import ancestors, drop_blocks
 from fxslim.training import split_batch
@@ -39,22 +40,28 @@ class Block:
     end: str  # node whose value leaves it
 
 
+OPTIONS = Schema(
+    Option("beta", float, "drop blocks whose probe-accuracy gain is below this (0.005 = half a point)"),
+    calib_samples_option("calibration samples for the probes (70% fit, 30% scored)", minimum=20,
+                         aliases=("probe_samples",)),
+    Option("plain", bool, "also consider plain conv blocks (else residual blocks only)"),
+    needs_data=lambda o: "the probes' labelled samples",
+)
+
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
     *,
     beta: float = 0.005,
-    probe_samples: int = 1024,
+    calib_samples: int = 1024,
     plain: bool = True,
 ) -> PassResult:
     """beta: drop blocks whose probe-accuracy gain is below this (0.005 = half a point).
-    probe_samples: calibration samples for the probes (70% fit, 30% scored).
+    calib_samples: calibration samples for the probes (70% fit, 30% scored).
     plain: also consider plain conv blocks (else residual blocks only)."""
-    if not isinstance(probe_samples, int) or probe_samples < 20:
-        raise RecipeError(f"probe_samples={probe_samples!r} must be an integer >= 20")
-    if not isinstance(beta, (int, float)):
-        raise RecipeError(f"beta={beta!r} must be a number")
-    x, y = _calibration(ctx, probe_samples)
+    x, y = _calibration(ctx, calib_samples)
     blocks = candidate_blocks(gm, ctx.example_inputs, plain)
     if not blocks:
         return PassResult(gm, False, {"probes": [], "dropped": [], "reason": "no candidate block"})

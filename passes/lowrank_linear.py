@@ -5,7 +5,7 @@
   * "tt": a two-core tensor-train matrix (in = i1·i2, out = o1·o2 split as evenly as the sizes allow):
     Linear over i2 (→ R·o2), a transpose, Linear over (R, i1) (→ o1), the bias added last.
 Ranks, the similarity search, the hybrid `method="auto"` and the whole-model budget work exactly as in
-`lowrank_conv` (its shared driver `factorise`); see there. This file only defines the linear chains."""
+`lowrank_conv`: both use the driver `fxslim.lowrank.factorise`. This file only defines the linear chains."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from torch import fx, nn
 
 from fxslim import linalg
+from fxslim.lowrank import Factorisation, LayerKind, LowRankOptions, factorise, low_rank_schema
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.passes.lowrank_conv import Factorisation, factorise
 
 NAME = "lowrank_linear"
 
@@ -144,6 +144,12 @@ class TTLinear(_LinearGeometry):
 LINEAR_METHODS: dict[str, type[Factorisation]] = {"svd": SVDLinear, "qr": QRLinear, "tt": TTLinear}
 
 
+LINEAR_LAYERS = LayerKind(NAME, LINEAR_METHODS, (nn.Linear,), lambda m: None)
+
+OPTIONS = low_rank_schema(LINEAR_METHODS)
+
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -168,25 +174,5 @@ def run(
     candidates: method="auto" only; the methods chosen from (default: "svd", "qr", "tt").
     The other options are those of `lowrank_conv` (reconstruct: the second Linear of an SVD/QR pair is re-fit;
     a TT chain is not a sequence of layers and is skipped with the reason). Record: as `lowrank_conv`'s."""
-    return factorise(
-        gm,
-        ctx,
-        pass_name=NAME,
-        methods=LINEAR_METHODS,
-        skip_reason=lambda m: None,
-        layer_types=(nn.Linear,),
-        method=method,
-        rank=rank,
-        similarity=similarity,
-        objective=objective,
-        search=search,
-        step=step,
-        calib_samples=calib_samples,
-        model_similarity=model_similarity,
-        ignore=ignore,
-        options={},
-        dissimilarity_scale=dissimilarity_scale,
-        candidates=candidates,
-        reconstruct=reconstruct,
-        calib_batches=calib_batches,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("gm", "ctx")}
+    return factorise(gm, ctx, LINEAR_LAYERS, LowRankOptions.take(options))

@@ -7,7 +7,7 @@ consecutive weights along the input-channel dim (at each output channel and kern
 are kept; layers whose input width is not a multiple of M are left dense and listed as skipped. Masks are
 baked into the weights (zeros, no mask buffers, no extra ops); channel removal (structured pruning) is the
 `prune_channels` pass. A copy of the dense state (every parameter and buffer) is kept in the output's
-`gm.meta[DENSE_META]`, so that a later `asr` pass can rebuild the
+`gm.meta[DENSE_META]` (fxslim/dense_state.py), so that a later `asr` pass can rebuild the
 dense model after other passes ran in between; `asr` drops them again. This file never edits a tensor in
 place nor mutates the GraphModule it is given."""
 
@@ -18,16 +18,45 @@ import re
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.dense_state import prunable_layers, remember_dense
 from fxslim.graph.clone import clone_gm
+from fxslim.options import Option, Requires, Schema, ignore_option
 from fxslim.pass_api import PassContext, PassResult
 
 NAME = "magnitude_prune"
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SCOPES = ("global", "layer")
-DENSE_META = "fxslim_dense_state"  # {state_dict key: tensor} of the model before its first magnitude_prune
 
 
+def _parse_pattern(pattern) -> tuple[int, int] | None | bool:
+    """(N, M) for an N:M pattern, None for "unstructured", False for anything else."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    return (int(m[1]), int(m[2])) if m and 0 < int(m[1]) < int(m[2]) else False
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    return None if _parse_pattern(pattern) is not False else "must be 'unstructured' or 'N:M' with 0 < N < M"
+
+
+def _sparsity_fits(o) -> bool:
+    nm = _parse_pattern(o["pattern"])
+    return not nm or o["sparsity"] is None or abs(o["sparsity"] - (1 - nm[0] / nm[1])) <= 1e-9
+
+
+OPTIONS = Schema(
+    Option("sparsity", float, "fraction of weights set to zero; None: 0.5, or 1 - N/M for an N:M pattern",
+           range="[0, 1)", none=True),
+    Option("pattern", str, "unstructured, or N:M (e.g. 2:4) along the input dim", check=_pattern_problem,
+           valid="'unstructured' or 'N:M' with 0 < N < M"),
+    Option("scope", str, "global (one ranking over all layers) or layer (each layer alike); unstructured only",
+           choices=SCOPES),
+    ignore_option("module names left dense (e.g. the first conv or the classifier)"),
+    rules=[Requires(_sparsity_fits, "sparsity contradicts the N:M pattern (which fixes it to 1 - N/M); leave it out")],
+)
+
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -45,9 +74,10 @@ def run(
     record: {"pattern", "scope", "requested", "sparsity" (zeros / weights over the considered layers, exact),
     "zeros", "weights", "layers": {module: sparsity}, "skipped": {module: reason}}."""
     nm = _parse_pattern(pattern)
-    if scope not in SCOPES:
-        raise RecipeError(f"pass {NAME!r}: scope={scope!r}; valid: {', '.join(SCOPES)}")
-    sparsity = _check_sparsity(sparsity, nm)
+    if nm:
+        sparsity = 1 - nm[0] / nm[1]
+    elif sparsity is None:
+        sparsity = 0.5
     layers = prunable_layers(gm, ignore)
     out = clone_gm(gm)
     skipped: dict[str, str] = {}
@@ -56,7 +86,7 @@ def run(
             masks = _global_masks(layers, sparsity) if scope == "global" else _layer_masks(layers, sparsity)
         else:
             masks, skipped = _nm_masks(layers, *nm)
-    _remember_dense(out, gm)
+    remember_dense(out, gm)
     for name, mask in masks.items():
         conv = out.get_submodule(name)
         w = conv.weight
@@ -76,46 +106,6 @@ def run(
     }
     ctx.debug("magnitude_prune: %s", record)
     return PassResult(out, bool(masks) and any(not bool(m.all()) for m in masks.values()), record)
-
-
-def prunable_layers(gm: fx.GraphModule, ignore=()) -> dict[str, nn.Module]:
-    """The conv/linear modules the graph calls (each once, in graph order), less the ignored names."""
-    names = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    unknown = sorted(set(ignore) - names)
-    if unknown:
-        raise PassError(f"pass {NAME!r}: ignore names modules the graph does not call: {unknown}")
-    out: dict[str, nn.Module] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target not in ignore and n.target not in out:
-            m = gm.get_submodule(n.target)
-            if isinstance(m, PRUNABLE):
-                out[str(n.target)] = m
-    return out
-
-
-def _parse_pattern(pattern: str) -> tuple[int, int] | None:
-    if pattern == "unstructured":
-        return None
-    m = re.fullmatch(r"(\d+):(\d+)", str(pattern))
-    if not m or not 0 < int(m[1]) < int(m[2]):
-        raise RecipeError(f"pass {NAME!r}: pattern={pattern!r}; valid: 'unstructured' or 'N:M' with 0 < N < M")
-    return int(m[1]), int(m[2])
-
-
-def _check_sparsity(sparsity, nm: tuple[int, int] | None) -> float:
-    if nm is not None:
-        implied = 1 - nm[0] / nm[1]
-        if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise RecipeError(
-                f"pass {NAME!r}: sparsity={sparsity!r} contradicts pattern {nm[0]}:{nm[1]} "
-                f"(which means {implied:g}); leave sparsity out"
-            )
-        return implied
-    if sparsity is None:
-        return 0.5
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise RecipeError(f"pass {NAME!r}: sparsity={sparsity!r} must be a number in [0, 1)")
-    return float(sparsity)
 
 
 def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,10 +151,3 @@ def _nm_masks(layers: dict[str, nn.Module], n: int, m: int) -> tuple[dict[str, t
         keep.scatter_(1, groups.topk(n, dim=1).indices, True)
         masks[name] = keep.view(along_in.shape).movedim(-1, 1)
     return masks, skipped
-
-
-def _remember_dense(out: fx.GraphModule, gm: fx.GraphModule) -> None:
-    """Keep a copy of the state the model had before its first magnitude pruning (a copy, not references:
-    later passes such as bn_recalibrate deep-copy the module and change buffers in place)."""
-    if DENSE_META not in gm.meta:
-        out.meta[DENSE_META] = {k: v.detach().clone() for k, v in gm.state_dict().items()}

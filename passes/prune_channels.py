@@ -48,13 +48,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.graph.cost import annotate
 from fxslim.graph.deps import DependencyGraph, Group, analyze, dims_of
 from fxslim.importance import CRITERIA, atom_scores
 from fxslim.modules import SlimMultiheadAttention
+from fxslim.options import CALIB_BATCHES, Option, Requires, Schema, ignore_option
 from fxslim.pass_api import PassContext, PassResult
-from fxslim.reconstruct import check_calib_batches, refit_after_pruning
+from fxslim.reconstruct import refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
 
 NAME = "prune_channels"
@@ -62,7 +63,34 @@ OBJECTIVES = ("macs", "latency")
 WIDTHS = (1.0, 0.5, 0.25)  # uniform width scales each layer is measured at (objective="latency")
 LATENCY_ROUND_TO = 8  # round_to's default with objective="latency" (onnxruntime's NCHWc block on x86 AVX2)
 
+OPTIONS = Schema(
+    Option("ratio", float, "fraction of each prunable group's channels removed, floor(ratio*C), one kept",
+           range="[0, 1)"),
+    Option("importance", str, "channel score", choices=CRITERIA),
+    Option("global_ranking", bool, "rank channels across groups (objective macs) instead of within each"),
+    ignore_option("module names whose channels are never removed (inputs and outputs)"),
+    Option("round_to", int, "keep a multiple of this many channels per group; None: 1 (8 for latency)",
+           range=">= 1", none=True),
+    Option("objective", str, "macs: the same ratio everywhere; latency: cut where it saves measured time",
+           choices=OBJECTIVES),
+    Option("max_ratio", float, "latency: the most any group may lose", range="[0, 1)", none=True),
+    Option("latency_table", str, "latency: a JSON file the per-layer timings are cached in", none=True),
+    Option("latency_check", bool, "latency: time the plan against the uniform cut and keep the faster"),
+    Option("reconstruct", bool, "least-squares re-fit of the layers that read pruned channels (needs data)"),
+    CALIB_BATCHES,
+    rules=[
+        Requires(lambda o: not (o["objective"] == "latency" and o["global_ranking"]),
+                 "global_ranking applies to objective='macs' only (latency ranks globally)"),
+        Requires(lambda o: o["objective"] == "latency" or (o["max_ratio"] is None and o["latency_table"] is None
+                                                           and not o["latency_check"]),
+                 "max_ratio, latency_table and latency_check apply to objective='latency' only"),
+        Requires(lambda o: o["max_ratio"] is None or o["max_ratio"] >= o["ratio"], "max_ratio must be >= ratio"),
+    ],
+    needs_data=lambda o: "reconstruct=True re-fits on data" if o["reconstruct"] else None,
+)
 
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -95,14 +123,8 @@ def run(
     dominates a layer timed alone). Costs two exports and a few seconds of timing.
     reconstruct: re-fit every conv/linear whose inputs lost channels by least squares to the unpruned
     layer's outputs, on the first `calib_batches` batches of data (`fxslim.reconstruct`; needs data)."""
-    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise RecipeError(f"ratio={ratio!r} must be in [0, 1)")
-    if importance not in CRITERIA:
-        raise RecipeError(f"importance={importance!r}; valid: {', '.join(CRITERIA)}")
-    _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table, latency_check)
     if round_to is None:
         round_to = LATENCY_ROUND_TO if objective == "latency" else 1
-    check_calib_batches(f"pass {NAME!r}", calib_batches)
     data = ctx.require_data(NAME) if reconstruct else None
     dg = analyze(gm, ctx.example_inputs, ignore=ignore)
     groups = dg.prunable_groups
@@ -191,24 +213,6 @@ def _faster(gm, dg, scores, drop, uniform, example_inputs) -> tuple[np.ndarray, 
     keep = "latency" if seconds["latency"] <= seconds["uniform"] else "uniform"
     record = {"kept": keep, "latency_s": seconds["latency"], "uniform_s": seconds["uniform"]}
     return (drop if keep == "latency" else uniform), modules[keep], record
-
-
-def _check_options(ratio, global_ranking, round_to, objective, max_ratio, latency_table, latency_check) -> None:
-    where = f"pass {NAME!r}"
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise RecipeError(f"{where}: round_to={round_to!r} must be an integer >= 1")
-    if objective not in OBJECTIVES:
-        raise RecipeError(f"{where}: objective={objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if objective == "latency" and global_ranking:
-        raise RecipeError(f"{where}: global_ranking applies to objective='macs' only (latency ranks globally)")
-    if objective != "latency" and (max_ratio is not None or latency_table is not None or latency_check):
-        raise RecipeError(f"{where}: max_ratio, latency_table and latency_check apply to objective='latency' only")
-    if not isinstance(latency_check, bool):
-        raise RecipeError(f"{where}: latency_check={latency_check!r} must be true or false")
-    if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not ratio <= max_ratio < 1):
-        raise RecipeError(f"{where}: max_ratio={max_ratio!r} must be in [ratio, 1) = [{ratio}, 1)")
-    if latency_table is not None and not isinstance(latency_table, str):
-        raise RecipeError(f"{where}: latency_table={latency_table!r} must be a file path (a string)")
 
 
 def _candidates(g: Group) -> np.ndarray:
@@ -376,7 +380,7 @@ class LatencyModel:
         ops, op_rows = _measure_ops(dg, count, table, tally)
         table.save()
         if not layers:
-            raise PassError(f"pass {NAME!r}: objective='latency' found no conv/linear/attention layer to measure")
+            raise PassError("objective='latency' found no conv/linear/attention layer to measure")
         rows += op_rows
         n0 = np.stack([r[0][0] / r[0][2] for r in rows])
         n1 = np.stack([r[1][0] / r[1][2] for r in rows])

@@ -2,7 +2,7 @@
 
 backend="ort_static" is the deployment path: `fxslim.export`'s static QDQ INT8 (per-channel QInt8 weights,
 QUInt8 activations: on AVX2 CPUs without VNNI signed activations leave convs unfused, ../shared/FACTS.md),
-calibrated on the first `calibration_batches` batches of `ctx.data` (the example inputs when there is no
+calibrated on the first `calib_batches` batches of `ctx.data` (the example inputs when there is no
 data). The fp32 export's onnxruntime parity is checked first; the record counts the ops ORT really runs
 quantized (QLinearConv, QLinearMatMul, ...) and the returned GraphModule runs the INT8 file through an
 `OrtModule` leaf, so it can be scored like any model. backend="torch_dynamic" is the equivariant-pruning
@@ -24,28 +24,45 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassError, RecipeError
+from fxslim.errors import PassError
 from fxslim.export import CALIBRATIONS, OrtModule, export_report
+from fxslim.options import Option, Requires, Schema
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.training import evaluate_accuracy, split_batch
 
 NAME = "quantize"
 BACKENDS = ("ort_static", "torch_dynamic")
 
+OPTIONS = Schema(
+    Option("backend", str, "ort_static (onnxruntime static QDQ INT8) or torch_dynamic (dynamic INT8 Linear)",
+           choices=BACKENDS),
+    Option("calib_batches", int, "batches of data that calibrate the activation ranges (ort_static)",
+           range=">= 1", aliases=("calibration_batches",)),
+    Option("calibration", str, "how the activation ranges are chosen (ort_static)", choices=CALIBRATIONS),
+    Option("fp32_modules", list, "modules kept in fp32 inside the INT8 file (ort_static)", items=str,
+           graph="modules"),
+    Option("eval_batches", int, "last labelled batches scored in fp32 and INT8 (0: no accuracy check)", range=">= 0"),
+    Option("max_drop", float, "fail when INT8 accuracy is lower than fp32 by more than this; None: report",
+           range="[0, 1]", none=True),
+    rules=[Requires(lambda o: not o["fp32_modules"] or o["backend"] == "ort_static",
+                    "fp32_modules applies to backend='ort_static' only")],
+)
 
+
+@OPTIONS.checks
 def run(
     gm: fx.GraphModule,
     ctx: PassContext,
     *,
     backend: str = "ort_static",
-    calibration_batches: int = 8,
+    calib_batches: int = 8,
     calibration: str = "percentile",
     fp32_modules: list[str] | tuple[str, ...] = (),
     eval_batches: int = 8,
     max_drop: float | None = None,
 ) -> PassResult:
     """backend: "ort_static" (onnxruntime static QDQ INT8) or "torch_dynamic" (PyTorch dynamic INT8 Linear).
-    calibration_batches: batches of ctx.data that calibrate the activation ranges (ort_static).
+    calib_batches: batches of ctx.data that calibrate the activation ranges (ort_static).
     calibration: how those ranges are chosen (ort_static): "percentile" (the default: clipped at the 99.999th
         percentile; it lost 0.77 / 0.50 points on the trained cnn1d / resnet56_1d where "minmax" lost
         1.07 / 0.93, tools/bench_equivariant.py), "minmax" (the observed range) or "entropy" (smallest KL
@@ -59,32 +76,15 @@ def run(
     record: {"backend", "int8": True, "acc_fp32", "acc_int8", "drop" (None without labelled data), and
     for ort_static "quantized_ops", "fp32_nodes", "fp32_parity", "int8_drift", "onnx_bytes", "fp32_onnx_bytes"; for
     torch_dynamic "quantized_linear", "int8_drift"}."""
-    if backend not in BACKENDS:
-        raise RecipeError(f"pass {NAME!r}: backend={backend!r}; valid: {', '.join(BACKENDS)}")
-    for name, value in (("calibration_batches", calibration_batches), ("eval_batches", eval_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name[0] == "c" else 0):
-            raise RecipeError(f"pass {NAME!r}: {name}={value!r} must be an integer >= {int(name[0] == 'c')}")
-    if max_drop is not None and (
-        isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1
-    ):
-        raise RecipeError(f"pass {NAME!r}: max_drop={max_drop!r} must be None or in [0, 1]")
-    if calibration not in CALIBRATIONS:
-        raise RecipeError(f"pass {NAME!r}: calibration={calibration!r}; valid: {', '.join(CALIBRATIONS)}")
-    fp32_modules = [fp32_modules] if isinstance(fp32_modules, str) else list(fp32_modules)
-    modules = dict(gm.named_modules())
-    for name in fp32_modules:
-        if not name or name not in modules:
-            raise RecipeError(f"pass {NAME!r}: fp32_modules names {name!r}, not a module of {type(gm).__name__}")
-    if fp32_modules and backend != "ort_static":
-        raise RecipeError(f"pass {NAME!r}: fp32_modules applies to backend='ort_static' only, not {backend!r}")
+    fp32_modules = list(fp32_modules)
     if backend == "torch_dynamic":
         module, record = _torch_dynamic(gm, ctx)
     else:
-        module, record = _ort_static(gm, ctx, calibration_batches, calibration, fp32_modules)
+        module, record = _ort_static(gm, ctx, calib_batches, calibration, fp32_modules)
     record.update(_accuracy(gm, module, ctx, eval_batches))
     if max_drop is not None and record["drop"] is not None and record["drop"] > max_drop:
         raise PassError(
-            f"pass {NAME!r} ({backend}): INT8 accuracy {record['acc_int8']:.4f} is "
+            f"({backend}): INT8 accuracy {record['acc_int8']:.4f} is "
             f"{record['drop']:.4f} below fp32 {record['acc_fp32']:.4f} (max_drop {max_drop})"
         )
     ctx.debug("quantize: %s", record)
@@ -103,7 +103,7 @@ def _torch_dynamic(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
         torch.ao.quantization.quantize_dynamic(new, {nn.Linear}, dtype=torch.qint8, inplace=True)
     n = sum(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in new.modules())
     if n == 0:
-        raise PassError(f"pass {NAME!r} (torch_dynamic): {type(gm).__name__} has no nn.Linear to quantize")
+        raise PassError(f"(torch_dynamic): {type(gm).__name__} has no nn.Linear to quantize")
     new.recompile()
     return new, {
         "backend": "torch_dynamic",
@@ -114,9 +114,9 @@ def _torch_dynamic(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
 
 
 def _ort_static(
-    gm: fx.GraphModule, ctx: PassContext, calibration_batches: int, calibration: str, fp32_modules: list[str]
+    gm: fx.GraphModule, ctx: PassContext, calib_batches: int, calibration: str, fp32_modules: list[str]
 ) -> tuple[fx.GraphModule, dict]:
-    calib = None if ctx.data is None else list(itertools.islice(ctx.data, calibration_batches))
+    calib = None if ctx.data is None else list(itertools.islice(ctx.data, calib_batches))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
         report = export_report(

@@ -80,7 +80,7 @@ def test_unknown_pass_and_option_list_valid_names():
 def test_ratio_outside_unit_interval(ratio):
     model, x = _model()
     snap = _snapshot(model)
-    with pytest.raises(fxslim.RecipeError, match=r"ratio=.* must be in \[0, 1\)"):
+    with pytest.raises(fxslim.RecipeError, match=r"pass 'prune_channels': ratio=.* must be a number in \[0, 1\)"):
         fxslim.compress(model, (x,), [{"pass": "prune_channels", "ratio": ratio}])
     _unchanged(model, snap)
 

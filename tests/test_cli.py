@@ -15,7 +15,8 @@ def test_passes_lists_registered_passes_with_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "prune_channels" in out and "fold_bn" in out
-    assert "ratio=0.5" in out and "importance='l1'" in out
+    assert "ratio = 0.5   [a number in [0, 1)]" in out
+    assert "importance = 'l1'   [one of l1, l2, bn_scale, random]" in out
     assert "built-in recipes" in out
 
 

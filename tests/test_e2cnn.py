@@ -17,6 +17,7 @@ import fxslim
 from fxslim import e2cnn_adapter, pm
 from fxslim.errors import AnalysisError, PassError, TraceError
 from fxslim.graph.deps import analyze
+from fxslim.options import Option, Schema
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.passes import finetune
 from fxslim.recipe import PassSpec, load_recipe, registry
@@ -129,7 +130,8 @@ def _channel_cut(gm: fx.GraphModule, ctx: PassContext, *, channels=(1,)) -> Pass
 
 class _FakePass:
     NAME = "channel_cut"
-    run = staticmethod(_channel_cut)
+    OPTIONS = Schema(Option("channels", list, "channels of the first conv removed", items=int))
+    run = staticmethod(OPTIONS.checks(_channel_cut))
 
 
 @pytest.fixture

@@ -80,8 +80,8 @@ def repair(pruned, ctx: PassContext, method: dict | str):
     if method == "none":
         return pruned
     if method == "bn":
-        return bn_recalibrate.run(pruned, ctx, batches=len(ctx.data)).module
-    return asr.run(pruned, ctx, samples=SAMPLES, **method).module
+        return bn_recalibrate.run(pruned, ctx, calib_batches=len(ctx.data)).module
+    return asr.run(pruned, ctx, calib_samples=SAMPLES, **method).module
 
 
 def run_model(key: str, seeds: list[int], sparsities: list[str], amr_n: int, bar: tqdm) -> tuple[list, dict]:
@@ -169,7 +169,7 @@ def time_asr(repeats: int = 1) -> dict:
         wall, cpu = [], []
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            asr.run(pruned, ctx, placement=placement, samples=SAMPLES)
+            asr.run(pruned, ctx, placement=placement, calib_samples=SAMPLES)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         out[placement] = {"wall_s": min(wall), "cpu_s": min(cpu)}

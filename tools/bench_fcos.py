@@ -55,9 +55,9 @@ LABELS = {
     "scratch": "same arch, random init",
 }
 FULL = {"models": ["cnn1d", "resnet56_1d"], "epsilons": [0.5, 0.75, 0.9, 0.95, 0.99], "n": 100,
-        "base_epochs": 20, "short": 2, "long": 8, "probe_samples": 1024, "latency_budget": 1.0}
+        "base_epochs": 20, "short": 2, "long": 8, "calib_samples": 1024, "latency_budget": 1.0}
 QUICK = {"models": ["cnn1d"], "epsilons": [0.5, 0.9], "n": 12, "base_epochs": 2, "short": 1, "long": 1,
-         "probe_samples": 256, "latency_budget": 0.2}
+         "calib_samples": 256, "latency_budget": 0.2}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +147,7 @@ def bench_model(name: str, cfg: dict, methods: list[str], beta: float, seed: int
         stage1 = compress(base.model, [{"pass": "fcos_fuse", "epsilon": eps},
                                        {"pass": "finetune", "epochs": cfg["short"], **ft}])
         # FCOS always runs: its final MACs are the target the peers are matched to.
-        res = compress(stage1.module, [{"pass": "lacd_drop", "beta": beta, "probe_samples": cfg["probe_samples"]},
+        res = compress(stage1.module, [{"pass": "lacd_drop", "beta": beta, "calib_samples": cfg["calib_samples"]},
                                        {"pass": "finetune", "epochs": cfg["long"], **ft}])
         lacd = res.report[0].details
         models["fcos"] = res.module

@@ -73,7 +73,7 @@ def recipe(ratio: float, reconstruct: bool, recal: bool) -> list[dict]:
     if reconstruct:
         steps[0].update(reconstruct=True, calib_batches=CALIB_BATCHES)
     if recal:
-        steps.append({"pass": "bn_recalibrate", "batches": BN_BATCHES})
+        steps.append({"pass": "bn_recalibrate", "calib_batches": BN_BATCHES})
     return steps
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxslim
+from fxslim.dense_state import DENSE_META
 from fxslim.errors import PassError, RecipeError
 from fxslim.export import export_onnx
 from fxslim.pass_api import PassContext
@@ -187,8 +188,8 @@ def pruned_bn_net(sparsity: float = 0.85):
 
 def test_placement_warning_a_scale_before_a_reestimated_bn_is_cancelled() -> None:
     pruned, ctx, data = pruned_bn_net()
-    bn_only = bn_recalibrate.run(pruned, ctx, batches=len(data)).module
-    conv = asr.run(pruned, ctx, placement="conv", ignore=["fc"], samples=256)
+    bn_only = bn_recalibrate.run(pruned, ctx, calib_batches=len(data)).module
+    conv = asr.run(pruned, ctx, placement="conv", ignore=["fc"], calib_samples=256)
     g = f64(conv.record["channels"]["conv1"]["gamma"])
     assert (g - 1).abs().max() > 0.1  # the conv really was rescaled ...
     assert not torch.allclose(conv.module.conv1.weight, pruned.conv1.weight)
@@ -197,17 +198,17 @@ def test_placement_warning_a_scale_before_a_reestimated_bn_is_cancelled() -> Non
     assert residual < 1e-3
 
     # placement "bn" applies the same kind of correction where the BN does not undo it
-    bn = asr.run(pruned, ctx, placement="bn", ignore=["fc"], samples=256)
+    bn = asr.run(pruned, ctx, placement="bn", ignore=["fc"], calib_samples=256)
     assert bn.record["layers"]["conv1"]["applied_at"] == "bn1"
     assert (outputs(bn.module, data) - outputs(bn_only, data)).abs().max() > 20 * residual
     # and without shrinkage it is exactly BN-only recalibration (full per-channel variance matching)
-    naive = asr.run(pruned, ctx, placement="bn", ignore=["fc"], samples=256, shrinkage=False)
+    naive = asr.run(pruned, ctx, placement="bn", ignore=["fc"], calib_samples=256, shrinkage=False)
     torch.testing.assert_close(outputs(naive.module, data), outputs(bn_only, data), atol=1e-4, rtol=1e-4)
 
 
 def test_bn_placement_without_recalibration_scales_the_bn_weight_by_gamma() -> None:
     pruned, ctx, data = pruned_bn_net()
-    res = asr.run(pruned, ctx, placement="bn", recalibrate_bn=False, samples=256)
+    res = asr.run(pruned, ctx, placement="bn", recalibrate_bn=False, calib_samples=256)
     g = f64(res.record["channels"]["conv1"]["gamma"]).float()
     torch.testing.assert_close(res.module.bn1.weight, pruned.bn1.weight * g, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(res.module.bn1.bias, pruned.bn1.bias, rtol=0, atol=0)
@@ -223,7 +224,7 @@ def test_composes_with_prune_channels_and_exports_to_onnx(tmp_path) -> None:
     recipe = [
         {"pass": "prune_channels", "ratio": 0.25},
         {"pass": "magnitude_prune", "sparsity": 0.8},
-        {"pass": "asr", "samples": 128},
+        {"pass": "asr", "calib_samples": 128},
     ]
     res = fxslim.compress(model, x, recipe, data=data)
     out = res.module
@@ -235,7 +236,7 @@ def test_composes_with_prune_channels_and_exports_to_onnx(tmp_path) -> None:
     # the repair scales rows (and BN weights): the magnitude masks stay exactly as they were
     zeros = sum(int((out.get_submodule(n).weight == 0).sum()) for n in ("conv1", "conv2", "fc"))
     assert zeros == mag.details["zeros"]
-    assert magnitude_prune.DENSE_META not in out.meta
+    assert DENSE_META not in out.meta
     err = export_onnx(out, x, tmp_path / "asr.onnx")
     assert err < 1e-4
 
@@ -257,7 +258,7 @@ def test_unfolded_corrections_are_ops_with_the_folded_outputs(placement, mode, t
     data = batches((3, 6, 6), seed=3)
     x = data[0][0][:2]
     common = [{"pass": "magnitude_prune", "sparsity": 0.8}]
-    opts = {"pass": "asr", "samples": 128, "placement": placement, "mode": mode}
+    opts = {"pass": "asr", "calib_samples": 128, "placement": placement, "mode": mode}
     folded = fxslim.compress(model, x, [*common, opts], data=data).module
     res = fxslim.compress(model, x, [*common, {**opts, "fold": False}], data=data)
     kept = res.module
@@ -287,7 +288,7 @@ def test_needs_data_and_a_dense_model_and_valid_options() -> None:
         ({"mode": "net"}, "mode"),
         ({"shrinkage": 0.1}, "shrinkage"),
         ({"lam": -1.0}, "lam"),
-        ({"samples": 1}, "samples"),
+        ({"calib_samples": 1}, "calib_samples"),
     ]:
         with pytest.raises(RecipeError, match=match):
             asr.run(pruned, ctx, **bad)

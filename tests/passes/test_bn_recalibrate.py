@@ -100,7 +100,7 @@ def test_modes_and_momentum_are_restored() -> None:
 
 def test_batches_caps_the_calibration_and_tensor_batches_work() -> None:
     batches = [x for x, _ in make_batches(n=10)]  # tensors only, no targets
-    res = bn_recalibrate.run(traced_net(), PassContext(example_inputs=(), data=batches), batches=3)
+    res = bn_recalibrate.run(traced_net(), PassContext(example_inputs=(), data=batches), calib_batches=3)
     assert res.record["batches"] == 3
     assert int(res.module.bn0.num_batches_tracked) == 3
     torch.testing.assert_close(res.module.bn0.running_mean, torch.stack([x.mean(0) for x in batches[:3]]).mean(0))
@@ -157,7 +157,7 @@ def test_bn_the_data_never_reaches_keeps_its_statistics() -> None:
     torch.testing.assert_close(res.module.spare.running_mean, torch.full((4,), 5.0))
 
 
-@pytest.mark.parametrize("bad", [{"batches": 0}, {"batches": 2.5}, {"momentum": 0.0}, {"momentum": 1.5}])
+@pytest.mark.parametrize("bad", [{"calib_batches": 0}, {"calib_batches": 2.5}, {"momentum": 0.0}, {"momentum": 1.5}])
 def test_bad_option_values_are_recipe_errors(bad: dict) -> None:
     with pytest.raises(RecipeError, match="bn_recalibrate"):
         bn_recalibrate.run(traced_net(), PassContext(example_inputs=(), data=make_batches(n=1)), **bad)

@@ -113,7 +113,7 @@ def test_builtin_fcos_recipes_run_the_paper_pipeline():
     data = [(x[i : i + 32], y[i : i + 32]) for i in (0, 32)]
     model = randomize_bn(CNN1D(width=16)).eval()
     recipe = [{"pass": s.name, **s.options} for s in quick]
-    recipe[1]["epochs"], recipe[3]["epochs"], recipe[2]["probe_samples"] = 1, 1, 64
+    recipe[1]["epochs"], recipe[3]["epochs"], recipe[2]["calib_samples"] = 1, 1, 64
     res = fxslim.compress(model, (x[:1],), recipe, data=data)
     assert [r.name for r in res.report] == ["fcos_fuse", "finetune", "lacd_drop", "finetune"]
     assert res.report[-1].macs_after < 0.2 * res.report[0].macs_before

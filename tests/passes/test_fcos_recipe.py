@@ -22,7 +22,7 @@ def _recipe() -> list[dict]:
         if step["pass"] == "finetune":
             step["epochs"] = 1
         if step["pass"] == "lacd_drop":
-            step["probe_samples"] = 24
+            step["calib_samples"] = 24
     return recipe
 
 

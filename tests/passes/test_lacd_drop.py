@@ -46,7 +46,7 @@ def test_useless_residual_block_dropped_useful_block_kept():
     x = data[0][0][:2]
     gm = fxslim.trace(model)
     assert [(b.kind, b.end) for b in lacd_drop.candidate_blocks(gm, (x,))] == [("plain", "act"), ("residual", "add")]
-    res = lacd_drop.run(gm, PassContext(example_inputs=(x,), data=data), beta=0.005, probe_samples=400)
+    res = lacd_drop.run(gm, PassContext(example_inputs=(x,), data=data), beta=0.005, calib_samples=400)
     rec = res.record
     assert rec["input_probe_accuracy"] < 0.75  # pooled raw input: the amplitude is not linearly visible
     probes = {p["block"]: p for p in rec["probes"]}
@@ -63,7 +63,7 @@ def test_plain_block_with_new_channel_count_gets_a_least_squares_projection():
     model, data = Net().eval(), _data()
     x = data[0][0][:2]
     gm = fxslim.trace(model)
-    res = lacd_drop.run(gm, PassContext(example_inputs=(x,), data=data), beta=2.0, probe_samples=200)
+    res = lacd_drop.run(gm, PassContext(example_inputs=(x,), data=data), beta=2.0, calib_samples=200)
     dropped = {d["block"]: d for d in res.record["dropped"]}
     assert dropped["act"]["projection"] and "add" in dropped
     assert res.module(x).shape == (2, 2)
@@ -73,5 +73,5 @@ def test_needs_labelled_data():
     gm, x = fxslim.trace(Net()), torch.randn(2, 2, 16)
     with pytest.raises(fxslim.PassError, match="data="):
         lacd_drop.run(gm, PassContext(example_inputs=(x,)))
-    with pytest.raises(fxslim.RecipeError, match="probe_samples"):
-        lacd_drop.run(gm, PassContext(example_inputs=(x,), data=_data()), probe_samples=3)
+    with pytest.raises(fxslim.RecipeError, match="calib_samples"):
+        lacd_drop.run(gm, PassContext(example_inputs=(x,), data=_data()), calib_samples=3)

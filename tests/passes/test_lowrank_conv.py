@@ -298,9 +298,9 @@ def test_dissimilarity_scale_errors_name_the_pass_and_the_entry():
     for bad, match in (
         (dict(method="tucker", dissimilarity_scale={"cp": 0.5}), "only applies to method='auto'"),
         (dict(method="auto", dissimilarity_scale={"svd": 0.5}), "names 'svd'"),
-        (dict(method="auto", dissimilarity_scale={"cp": 0}), r"\['cp'\]=0"),
-        (dict(method="auto", dissimilarity_scale={"cp": 1.5}), r"\['cp'\]=1.5"),
-        (dict(method="auto", dissimilarity_scale=[0.5]), "must be a table"),
+        (dict(method="auto", dissimilarity_scale={"cp": 0}), "gives 'cp' the factor 0; each must be in"),
+        (dict(method="auto", dissimilarity_scale={"cp": 1.5}), "gives 'cp' the factor 1.5; each must be in"),
+        (dict(method="auto", dissimilarity_scale=[0.5]), "must be None or a table method -> factor"),
     ):
         with pytest.raises(fxslim.RecipeError, match=f"lowrank_conv.*{match}"):
             lowrank_conv.run(gm, ctx, **bad)
@@ -332,7 +332,7 @@ def test_candidates_errors_name_the_pass_and_the_entry():
         (dict(method="tucker", candidates=["tucker"]), "only applies to method='auto'"),
         (dict(method="auto", candidates=["svd"]), "names 'svd'"),
         (dict(method="auto", candidates=[]), "non-empty list"),
-        (dict(method="auto", candidates="cp"), "non-empty list"),
+        (dict(method="auto", candidates="cp"), "candidates='cp' must be None or a list of strings"),
         (dict(method="auto", candidates=["cp", "cp"]), "twice"),
     ):
         with pytest.raises(fxslim.RecipeError, match=f"lowrank_conv.*{match}"):

@@ -43,7 +43,7 @@ def _convs(gm) -> int:
 )
 def test_ort_static_runs_quantized_ops_after_fp32_parity(name, kwargs, shape):
     gm, ctx, data = _small(name, kwargs, shape)
-    res = quantize.run(gm, ctx, backend="ort_static", calibration_batches=2)
+    res = quantize.run(gm, ctx, backend="ort_static", calib_batches=2)
     rec = res.record
     assert rec["int8"] and rec["backend"] == "ort_static"
     assert rec["fp32_parity"] < 1e-4  # the fp32 file matched PyTorch before anything was quantized
@@ -96,7 +96,7 @@ def test_no_linear_is_a_pass_error_and_bad_options_are_recipe_errors():
     ctx = PassContext(example_inputs=(torch.randn(1, 1, 5, 5),))
     with pytest.raises(PassError, match="no nn.Linear"):
         quantize.run(gm, ctx, backend="torch_dynamic")
-    for bad in ({"backend": "tensorrt"}, {"calibration_batches": 0}, {"eval_batches": -1}, {"max_drop": 2.0}):
+    for bad in ({"backend": "tensorrt"}, {"calib_batches": 0}, {"eval_batches": -1}, {"max_drop": 2.0}):
         with pytest.raises(RecipeError, match="quantize"):
             quantize.run(gm, ctx, **bad)
 
@@ -114,7 +114,7 @@ def test_trained_zoo_model_loses_at_most_two_points_in_int8():
     ctx = PassContext(example_inputs=(ds.example(8),), data=ds.train[:4] + ds.test)
     for backend in ("ort_static", "torch_dynamic"):
         rec = quantize.run(
-            gm, ctx, backend=backend, calibration_batches=4, eval_batches=len(ds.test), max_drop=0.02
+            gm, ctx, backend=backend, calib_batches=4, eval_batches=len(ds.test), max_drop=0.02
         ).record
         assert rec["acc_fp32"] == pytest.approx(trained.info["eval"]["accuracy"])
         assert rec["drop"] <= 0.02, (backend, rec)
@@ -130,14 +130,14 @@ def test_bad_calibration_is_a_recipe_error_naming_the_valid_ones():
 def test_fp32_modules_keep_the_named_conv_float_and_bad_names_are_recipe_errors():
     gm, ctx, _ = _small("digits_resnet", dict(width=8), (2, 1, 8, 8))
     first = next(name for name, m in gm.named_modules() if isinstance(m, nn.Conv2d))
-    res = quantize.run(gm, ctx, backend="ort_static", calibration_batches=2, fp32_modules=[first])
+    res = quantize.run(gm, ctx, backend="ort_static", calib_batches=2, fp32_modules=[first])
     rec = res.record
     assert rec["fp32_nodes"] and all(n.startswith(f"/{first}/") for n in rec["fp32_nodes"])
     assert rec["quantized_ops"]["QLinearConv"] == _convs(gm) - 1
     for bad, match in (
-        ({"fp32_modules": ["nope"]}, "'nope', not a module"),
-        ({"fp32_modules": [""]}, "'', not a module"),
-        ({"fp32_modules": [first], "backend": "torch_dynamic"}, "ort_static' only"),
+        ({"fp32_modules": ["nope"]}, r"fp32_modules names modules the model does not have: \['nope'\]"),
+        ({"fp32_modules": [""]}, r"fp32_modules names modules the model does not have: \[''\]"),
+        ({"fp32_modules": [first], "backend": "torch_dynamic"}, "fp32_modules applies to backend='ort_static' only"),
     ):
         with pytest.raises(RecipeError, match=match):
             quantize.run(gm, ctx, **bad)

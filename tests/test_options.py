@@ -1,0 +1,140 @@
+"""Option schemas: every value of every pass is checked before the first pass starts (a bad value in the last
+pass of a recipe that begins with a fine-tune fails at once, naming the pass, option, value and valid range),
+graph checks run right after tracing, each pass's schema matches its `run`, and `fxslim passes` shows it."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.cli import main
+from fxslim.errors import PassError, RecipeError
+from fxslim.options import Interval, Option, Schema
+from fxslim.recipe import load_recipe, pass_schema, registry
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class CountingData:
+    """Batches that count how often they were iterated: the proof that no pass started."""
+
+    def __init__(self) -> None:
+        self.iterations = 0
+
+    def __iter__(self):
+        self.iterations += 1
+        g = torch.Generator().manual_seed(0)
+        for _ in range(50):
+            yield torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+
+@pytest.mark.parametrize(
+    "last, match",
+    [
+        ({"pass": "lowrank_conv", "method": "bogus"}, r"pass 'lowrank_conv': method='bogus'; valid: tucker, cp, tt, a"),
+        ({"pass": "prune_channels", "ratio": 1.5}, r"pass 'prune_channels': ratio=1.5 must be a number in \[0, 1\)"),
+        ({"pass": "quantize", "calib_batches": 0}, r"pass 'quantize': calib_batches=0 must be an integer >= 1"),
+    ],
+)
+def test_a_bad_value_in_the_last_pass_fails_before_the_first_fine_tune(last, match) -> None:
+    data = CountingData()
+    recipe = ["prune_channels", {"pass": "finetune", "epochs": 3}, last]
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError, match=match):
+        fxslim.compress(Net(), (torch.randn(1, 3, 8, 8),), recipe, data=data)
+    assert time.perf_counter() - t0 < 1.0
+    assert data.iterations == 0
+
+
+def test_graph_checks_run_after_tracing_before_any_pass() -> None:
+    data = CountingData()
+    x = (torch.randn(1, 3, 8, 8),)
+    with pytest.raises(RecipeError, match=r"pass 'prune_channels': ignore names modules .* not have: \['nope'\]"):
+        fxslim.compress(Net(), x, [{"pass": "finetune", "epochs": 1}, {"pass": "prune_channels", "ignore": ["nope"]}],
+                        data=data)
+    assert data.iterations == 0
+    # reconstruct=True without data: a PassError before the first pass (fold_bn would otherwise run first)
+    with pytest.raises(PassError, match=r"pass 'prune_channels': needs data= \(reconstruct=True"):
+        fxslim.compress(Net().eval(), x, ["fold_bn", {"pass": "prune_channels", "reconstruct": True}])
+    with pytest.raises(PassError, match=r"pass 'finetune': needs data="):
+        fxslim.compress(Net(), x, ["fold_bn", "finetune"])
+
+
+def test_types_ranges_choices_rules_and_former_names() -> None:
+    schema = pass_schema("finetune")
+    assert schema.check({"epochs": 0}) == {"epochs": 0}
+    for bad, match in [
+        ({"epochs": "3"}, r"epochs='3' must be an integer >= 0"),
+        ({"epochs": True}, r"epochs=True must be an integer >= 0"),
+        ({"lr": float("nan")}, r"lr=nan must be a number >= 0"),
+        ({"scheduler": "linear"}, r"scheduler='linear'; valid: step, cosine, plateau"),
+        ({"patience": 0}, r"patience=0 must be None or an integer >= 1"),
+        ({"epoch": 3}, r"no option 'epoch'; valid options: epochs, lr"),
+    ]:
+        with pytest.raises(RecipeError, match=match):
+            schema.check(bad)
+    assert pass_schema("finetune").check({"scheduler": None}) == {"scheduler": None}
+    # a rule across options
+    with pytest.raises(RecipeError, match="give exactly one of epsilon"):
+        load_recipe([{"pass": "fcos_fuse", "threshold": 0.2}])
+    assert load_recipe([{"pass": "fcos_fuse", "epsilon": None, "threshold": 0.2}])[0].options["threshold"] == 0.2
+    # a former name is renamed, with a warning
+    with pytest.warns(DeprecationWarning, match="'batches' is now called 'calib_batches'"):
+        spec = load_recipe([{"pass": "bn_recalibrate", "batches": 4}])[0]
+    assert spec.options == {"calib_batches": 4}
+    with pytest.raises(RecipeError, match="given twice"), pytest.warns(DeprecationWarning):
+        load_recipe([{"pass": "bn_recalibrate", "batches": 4, "calib_batches": 4}])
+
+
+def test_every_pass_schema_names_exactly_its_run_options_and_accepts_its_defaults() -> None:
+    for name in registry():
+        schema = pass_schema(name)
+        assert list(schema.defaults) == [row[0] for row in schema.table()]
+        assert set(schema.defaults) == set(schema.options), name
+        assert schema.check({}) == {}
+        for option in schema.options.values():
+            assert option.help and option.describe(), (name, option.name)
+
+
+def test_a_schema_that_disagrees_with_run_is_refused_at_import() -> None:
+    schema = Schema(Option("ratio", float, "fraction", range="[0, 1)"))
+    with pytest.raises(TypeError, match="schema"):
+
+        @schema.checks
+        def run(gm, ctx, *, ratio=0.5, extra=1):
+            return gm
+
+    with pytest.raises(TypeError, match=r"default ratio=2.0 must be a number in \[0, 1\)"):
+
+        @Schema(Option("ratio", float, "fraction", range="[0, 1)")).checks
+        def run2(gm, ctx, *, ratio=2.0):
+            return gm
+
+
+@pytest.mark.parametrize(
+    "text, inside, outside",
+    [("[0, 1)", [0, 0.5], [1, -0.1]), ("(0, 1]", [1, 1e-9], [0, 1.1]), (">= 1", [1, 1e9], [0.99]),
+     ("> 0", [1e-9], [0])],
+)
+def test_intervals(text, inside, outside) -> None:
+    interval = Interval.parse(text)
+    assert all(x in interval for x in inside) and not any(x in interval for x in outside)
+
+
+def test_cli_passes_prints_each_option_with_its_range(capsys) -> None:
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio = 0.5   [a number in [0, 1)]" in out
+    assert "method = 'tucker'   [one of tucker, cp, tt, auto]" in out
+    assert "calib_batches = 32   [an integer >= 1]" in out

@@ -95,10 +95,6 @@ class ChannelPlan:
         dest[merged] = dest[rep][key_order][pos]
         return dest, new_size, False
 
-    def new_size(self, ids: np.ndarray) -> int:
-        d = self.dest(ids)
-        return len(ids) if d is None else d[1]
-
     def kept_positions(self, ids: np.ndarray) -> np.ndarray:
         a = self.dg.label[ids]
         return self.target[a] == a
@@ -445,10 +441,6 @@ def _out_of_place_users(gm: fx.GraphModule, node: fx.Node) -> None:
             user.target = user.target[:-1]
         elif user.op == "call_function" and user.kwargs.get("inplace"):
             user.update_kwarg("inplace", False)
-
-
-def _check_same_output(gm: fx.GraphModule, node: str, before, example_inputs: tuple) -> None:
-    _check_same_outputs(gm, {node: before}, example_inputs)
 
 
 def _check_same_outputs(gm: fx.GraphModule, expected: dict, example_inputs: tuple) -> None:

@@ -124,7 +124,7 @@ def _mask(group: Group, keep) -> np.ndarray:
 
 
 class _Applier:
-    """What a rule's `update` hook may ask while the new graph is being fixed up."""
+    """What a rule's `update` hook may ask while the new graph is being fixed up (`rules.PlanApplier`)."""
 
     def __init__(self, plan: ChannelPlan, old_nodes: dict[str, fx.Node], gm: fx.GraphModule):
         self.plan = plan
@@ -237,7 +237,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
             if moves:
                 _set_on(owner, attr, t)
                 reindexed.update(_prefixes(owner_name))
-    resized = {n for n in new.graph.nodes if reads_changed_size(n, applier)}  # sizes of resized dims
+    resized = {n for n in new.graph.nodes if reads_changed_size(applier, n)}  # sizes of resized dims
     for node in new.graph.nodes:
         owns = node.op == "call_module" and node.target in reindexed
         touched = (node, *node.all_input_nodes)
@@ -247,7 +247,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
         rule, mod = rule_for(node, new)
         if rule is None or rule.update is None or not (changed or rule.update in SIZE_UPDATES):
             continue
-        rule.update(node, mod, applier)
+        rule.update(applier, node, mod)
     new.graph.lint()
     new.recompile()
     verify_shapes(new, dg.example_inputs, applier)

@@ -146,7 +146,7 @@ class DependencyGraph:
 
 
 class Builder:
-    """State the rules write into while the graph is walked once in topological order."""
+    """State the rules write into while the graph is walked once in topological order (`rules.DepsBuilder`)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fxslim.zoo.train import cache_root
+from fxslim.cache import cache_root
 
 
 def latency_key(module: nn.Module, input_shape: tuple[int, ...]) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxslim.cache import cache_root
 from fxslim.training import fit, predict
 from fxslim.zoo import amr
 from fxslim.zoo import data as zdata
@@ -98,11 +99,6 @@ def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0, **kwargs) -
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     return DATASETS[name](batch_size=batch_size, seed=seed, **kwargs)
-
-
-def cache_root() -> Path:
-    root = os.environ.get("FXSLIM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "fxslim"
 
 
 def checkpoint_path(model: str, model_kwargs: dict, dataset: str, data_kwargs: dict, config: TrainConfig) -> Path:

@@ -48,7 +48,7 @@ class GroupMaxPool(nn.Module):
 
     Same result as e2cnn's `MaxPoolChannels` (what `GroupPooling.export()` returns) but fx-traceable: no
     assert on the input shape, and -1 for the field count so that removing whole fields needs no edit.
-    fxslim keeps it as a leaf with its own channel rule (graph/rules.py): output channel f is input field f."""
+    fxslim keeps it as a leaf with its own channel rule (graph/rules/layers.py): output channel f is input field f."""
 
     def __init__(self, group_size: int) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ _REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention, e2cnn_adapter.GroupMaxP
 
 
 def register_leaf(module_type: type) -> None:
-    """Declare a module type that fx must not trace into (it needs a channel rule in graph/rules.py)."""
+    """Declare a module type that fx must not trace into (it needs a channel rule in graph/rules/)."""
     _REGISTERED_LEAVES.add(module_type)
 
 

@@ -1,6 +1,6 @@
 """The dependency analyzer: which channels of which tensors must be removed or merged together.
 
-Every dim of every tensor in the graph gets an array of integer index ids; the per-op rules in rules.py
+Every dim of every tensor in the graph gets an array of integer index ids; the per-op rules in graph/rules/
 tie ids together (`unify`). Connected components of those ties (scipy's union-find equivalent over an
 edge list, linear in the number of indices) give **atoms**: the smallest units that can be removed, each
 spanning every tensor and parameter slice it touches. Atoms born in the same channel space (a conv's

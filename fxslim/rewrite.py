@@ -21,7 +21,7 @@ from torch import fx, nn
 from fxslim.errors import PassError
 from fxslim.graph.clone import clone_gm
 from fxslim.graph.deps import DependencyGraph, Group
-from fxslim.graph.rules import SIZE_UPDATES, reads_changed_size, rule_for
+from fxslim.graph.rules import reads_changed_size, rule_for
 from fxslim.graph.shape import propagate
 from fxslim.scratch import Scratch
 
@@ -245,7 +245,7 @@ def apply_plan(gm: fx.GraphModule, plan: ChannelPlan) -> fx.GraphModule:
         if not changed and not any(n in resized for n in node.all_input_nodes):
             continue
         rule, mod = rule_for(node, new)
-        if rule is None or rule.update is None or not (changed or rule.update in SIZE_UPDATES):
+        if rule is None or rule.update is None or not (changed or rule.rewrites_size_args):
             continue
         rule.update(applier, node, mod)
     new.graph.lint()

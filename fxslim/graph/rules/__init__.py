@@ -52,7 +52,6 @@ from fxslim.graph.rules.layers import (
     prelu_update,
 )
 from fxslim.graph.rules.shape_ops import (
-    SIZE_UPDATES,
     concat,
     expand,
     expand_update,
@@ -83,7 +82,6 @@ __all__ = [
     "FUNCTION_RULES",
     "METHOD_RULES",
     "MODULE_RULES",
-    "SIZE_UPDATES",
     "SLICE",
     "CoupleFn",
     "DepsBuilder",

@@ -219,9 +219,6 @@ def expand_update(applier: PlanApplier, node: fx.Node, mod: nn.Module | None) ->
     update_size_args(applier, node)
 
 
-SIZE_UPDATES = (reshape_update, expand_update)  # updates that rewrite size arguments (`update_size_args`)
-
-
 def getitem(deps: DepsBuilder, node: fx.Node, mod: nn.Module | None = None) -> Ids | tuple | bool | None:
     base = node.args[0]
     if isinstance(deps.raw(base), tuple):  # element of a tuple output (split, attention, ...)

@@ -66,10 +66,12 @@ from fxslim.modules import ChannelAffine, SlimMultiheadAttention, slim_window_at
 class Rule:
     """One op's row. `couple(deps, node, mod)` ties the op's channel indices while the graph is analysed;
     `update(applier, node, mod)`, when there is one, fixes module attributes and node arguments once a plan
-    changed channels."""
+    changed channels. `rewrites_size_args`: the update rewrites size arguments (view/reshape/expand sizes),
+    so it must also run when only a size the node reads changed, not the node's own channels."""
 
     couple: CoupleFn
     update: UpdateFn | None = None
+    rewrites_size_args: bool = False
 
 
 _ACTIVATIONS = (
@@ -133,7 +135,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.PReLU: Rule(prelu, prelu_update),
     nn.Embedding: Rule(embedding, embedding_update),
     nn.Flatten: Rule(reshape),
-    nn.Unflatten: Rule(reshape, reshape_update),
+    nn.Unflatten: Rule(reshape, reshape_update, rewrites_size_args=True),
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     GroupMaxPool: Rule(group_max_pool),
@@ -211,7 +213,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.concat: Rule(concat),
     torch.stack: Rule(stack),
     torch.flatten: Rule(reshape),
-    torch.reshape: Rule(reshape, reshape_update),
+    torch.reshape: Rule(reshape, reshape_update, rewrites_size_args=True),
     torch.squeeze: Rule(reshape),
     torch.unsqueeze: Rule(reshape),
     torch.transpose: Rule(permute),
@@ -282,10 +284,10 @@ METHOD_RULES: dict[str, Rule] = {
         )
     },
     **{m: Rule(reduce_dims) for m in ("mean", "sum", "amax", "amin")},
-    "view": Rule(reshape, reshape_update),
-    "reshape": Rule(reshape, reshape_update),
+    "view": Rule(reshape, reshape_update, rewrites_size_args=True),
+    "reshape": Rule(reshape, reshape_update, rewrites_size_args=True),
     "flatten": Rule(reshape),
-    "unflatten": Rule(reshape, reshape_update),
+    "unflatten": Rule(reshape, reshape_update, rewrites_size_args=True),
     "squeeze": Rule(reshape),
     "unsqueeze": Rule(reshape),
     "permute": Rule(permute),
@@ -294,7 +296,7 @@ METHOD_RULES: dict[str, Rule] = {
     "swapdims": Rule(permute),
     "chunk": Rule(split, split_update),
     "split": Rule(split, split_update),
-    "expand": Rule(expand, expand_update),
+    "expand": Rule(expand, expand_update, rewrites_size_args=True),
     "size": Rule(no_tensor),
     "dim": Rule(no_tensor),
     "matmul": Rule(matmul),

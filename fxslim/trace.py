@@ -1,7 +1,7 @@
 """Trace: turn an nn.Module into a torch.fx GraphModule, the IR every later stage reads.
 
 Uses `torch.fx.Tracer` with a leaf policy: torch.nn modules (fx's default), the user's `leaf_modules`
-(types or qualified names) and the leaf types other fxslim components register. The module tree is
+(types or qualified names) and fxslim's own leaf types (`_REGISTERED_LEAVES`). The module tree is
 cloned first (graph/clone.py: new module objects, shared tensors, so no flag or attribute of the caller's
 model is ever touched) and traced in eval mode so `self.training` branches take their inference path.
 Failures become `TraceError`s that name the module path being traced and the Python construct that
@@ -21,7 +21,7 @@ from fxslim.errors import TraceError
 from fxslim.graph.clone import clone_gm, shallow_clone
 from fxslim.modules import SlimMultiheadAttention
 
-# Leaf types registered by adapters (e.g. the e2cnn adapter); fx never looks inside them.
+# Module types fxslim inserts or exports, each with its own channel rule; fx never looks inside them.
 _REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention, e2cnn_adapter.GroupMaxPool}
 
 

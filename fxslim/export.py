@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fxslim.errors import ExportError
+from fxslim.module_state import eval_mode
 from fxslim.quiet import quiet
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ def export_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     fp32_path = path if quantize is None else path.with_name(path.stem + ".fp32.onnx")
     name = type(module).__name__
-    with _eval_mode(module), torch.no_grad():
+    with eval_mode(module), torch.no_grad():
         try:
             ref = _flat_outputs(module(*inputs))
         except Exception as exc:
@@ -305,7 +306,7 @@ def export_report(
         moved = _perturbed(inputs)
         with contextlib.suppress(Exception):  # a model may reject other values (masks, ids); then skip
             checks.append(("on perturbed inputs", moved, _flat_outputs(module(*moved))))
-    with _eval_mode(module):
+    with eval_mode(module):
         # Not under no_grad: there nn.MultiheadAttention takes its fused fast path, which TorchScript
         # cannot export (aten::_native_multi_head_attention, seen on vit_b_16).
         exporter, error, failures = _export_checked(module, inputs, fp32_path, opset, checks, atol, rtol)
@@ -555,18 +556,6 @@ def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every submodule's own training flag back as it was."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _perturbed(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

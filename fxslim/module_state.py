@@ -12,15 +12,23 @@ from torch import nn
 
 
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration, then every submodule's own training flag back (a mixed state survives)."""
+def restored_modes(module: nn.Module) -> Iterator[nn.Module]:
+    """Every submodule's own training flag back afterwards, whatever the body switched (a mixed state survives;
+    e.g. e2cnn's `export()` switches its modules to eval)."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
         yield module
     finally:
         for m, training in flags:
             m.training = training
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then every submodule's own training flag back."""
+    with restored_modes(module):
+        module.eval()
+        yield module
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ from fxslim import e2cnn_adapter
 from fxslim.dump import dump_ir
 from fxslim.errors import AnalysisError, FxslimError, PassError
 from fxslim.graph.cost import Cost, annotate
+from fxslim.graph.shape import out_shape
 from fxslim.options import check_graph
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.recipe import PassSpec, registry
@@ -48,11 +49,7 @@ SYMMETRY_ATOL = 1e-4  # fp32 invariance tolerance on the logits (../shared/METHO
 def output_shapes(gm: fx.GraphModule) -> list:
     """Shapes of the model outputs from the last shape propagation (nested outputs flattened)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    shapes = []
-    for a in out.all_input_nodes:
-        meta = a.meta.get("tensor_meta")
-        shapes.append(tuple(meta.shape) if hasattr(meta, "shape") else None)
-    return shapes
+    return [out_shape(a) for a in out.all_input_nodes]
 
 
 def run_passes(

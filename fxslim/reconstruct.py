@@ -31,6 +31,7 @@ from torch import fx, nn
 from fxslim import e2cnn_adapter
 from fxslim.errors import PassError
 from fxslim.graph.clone import detach_tensors
+from fxslim.module_state import eval_mode
 from fxslim.rewrite import ChannelPlan
 from fxslim.training import split_batch
 
@@ -155,19 +156,14 @@ def _refit(
     detach_tensors(new, old)
     records = []
     gen = torch.Generator().manual_seed(seed)
-    old_was, new_was = old.training, new.training
-    old.eval(), new.eval()
     # One pass of each model per batch: the layers are solved in graph order, each batch's run of `new`
     # waits before the layer being solved and goes on with its new weights.
-    runs = [(_Stepper(new, x), _Stepper(old, x)) for x in inputs]
-    try:
-        with torch.no_grad():
-            for t in targets:
-                records.append(_solve(new, t, runs, positions, ridge, gen))
-                if project is not None:
-                    project(new)
-    finally:
-        old.train(old_was), new.train(new_was)
+    with eval_mode(old), eval_mode(new), torch.no_grad():
+        runs = [(_Stepper(new, x), _Stepper(old, x)) for x in inputs]
+        for t in targets:
+            records.append(_solve(new, t, runs, positions, ridge, gen))
+            if project is not None:
+                project(new)
     return records
 
 

@@ -17,11 +17,11 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from fxslim import e2cnn_adapter
 from fxslim.errors import PassError
+from fxslim.module_state import device_of
 from fxslim.options import Option, Schema
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.training import OPTIMIZERS, SCHEDULERS, evaluate_accuracy, fit, fit_record_empty
@@ -152,7 +152,7 @@ def run(
 def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) -> PassResult:
     """Train a copy of `gm` with `opts` (the adaptive gate, if any, has already decided to train)."""
     gm = copy.deepcopy(gm)
-    home = next((t.device for t in itertools.chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
+    home = device_of(gm)
     gm.to(ctx.device)
     if not any(p.requires_grad for p in gm.parameters()) or opts.epochs == 0:
         gm.eval().to(home)

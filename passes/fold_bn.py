@@ -12,6 +12,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxslim.graph.shape import out_shape
+from fxslim.module_state import device_of, eval_mode
 from fxslim.options import Schema
 from fxslim.pass_api import PassContext, PassResult
 
@@ -143,26 +145,18 @@ def _count_call_sites(gm: fx.GraphModule) -> dict[str, int]:
 def _output_ranks(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
     """Rank of each node's tensor output: from `tensor_meta` when annotated, else from one probe run."""
     if not all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "call_module"):
-        training = {name: m.training for name, m in gm.named_modules()}
-        gm.eval()  # a probe in train mode would overwrite the running statistics we are about to fold
-        device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+        device = device_of(gm)
         example = ctx.example_inputs
         example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
         inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in example]
-        try:
-            with torch.no_grad():
+        # eval: a probe in train mode would overwrite the running statistics we are about to fold
+        with eval_mode(gm), torch.no_grad():
+            try:
                 ShapeProp(gm).propagate(*inputs)
-        except Exception as err:  # a failed probe only means "rank unknown": skip those folds, never guess
-            ctx.debug("fold_bn: shape probe failed: %s", err)
-        finally:
-            for name, m in gm.named_modules():
-                m.training = training[name]
-    ranks: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-        if shape is not None:
-            ranks[node.name] = len(shape)
-    return ranks
+            except Exception as err:  # a failed probe only means "rank unknown": skip those folds, never guess
+                ctx.debug("fold_bn: shape probe failed: %s", err)
+    shapes = {node.name: out_shape(node) for node in gm.graph.nodes}
+    return {name: len(shape) for name, shape in shapes.items() if shape is not None}
 
 
 def _delete_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:

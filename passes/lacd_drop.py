@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.errors import PassError
-from fxslim.graph.shape import propagate
+from fxslim.graph.shape import out_shape, propagate
+from fxslim.module_state import eval_mode
 from fxslim.options import Option, Schema, calib_samples_option
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.rewrite import ancestors, drop_blocks
@@ -103,7 +104,7 @@ def candidate_blocks(gm: fx.GraphModule, example_inputs: tuple, plain: bool = Tr
             for skip, branch in ((a, b), (b, a)):
                 root = _through_identity(gm, skip)
                 up = ancestors(branch)
-                if _shape(skip) == _shape(node) and root in up:
+                if out_shape(skip) == out_shape(node) and root in up:
                     blocks.append(Block("residual", root.name, node.name))
                     in_branch |= ({branch} | up) - ancestors(root) - {root}
                     break
@@ -111,7 +112,7 @@ def candidate_blocks(gm: fx.GraphModule, example_inputs: tuple, plain: bool = Tr
             end = node
             while len(end.users) == 1 and _follows(gm, next(iter(end.users))):
                 end = next(iter(end.users))
-            src, out = _shape(node.args[0]), _shape(end)
+            src, out = out_shape(node.args[0]), out_shape(end)
             if src and out and src[2:] == out[2:]:
                 plains.append((node, Block("plain", node.args[0].name, end.name)))
     # a conv inside a residual branch is part of that block, not a block of its own
@@ -131,11 +132,6 @@ def _through_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
         node = node.args[0]
     return node
-
-
-def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
 def _calibration(ctx: PassContext, limit: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -163,11 +159,8 @@ def _capture(gm: fx.GraphModule, x: torch.Tensor, names: list[str]) -> dict[str,
                 out[n.name] = result.detach()
             return result
 
-    training = gm.training
-    gm.eval()
-    with torch.no_grad():
+    with eval_mode(gm), torch.no_grad():
         Recorder(gm).run(x)
-    gm.train(training)
     return out
 
 

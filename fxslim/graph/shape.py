@@ -267,9 +267,11 @@ def describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
     return str(node.target)
 
 
-def out_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """Output shape of a node whose value is one tensor; None for non-tensors, tuples of tensors, or
-    nodes that were not propagated."""
+def out_shape(node: fx.Node | object) -> tuple[int, ...] | None:
+    """Output shape of a node whose value is one tensor; None for non-tensors, tuples of tensors, nodes
+    that were not propagated, and arguments that are not nodes (constants)."""
+    if not isinstance(node, fx.Node):
+        return None
     meta = node.meta.get("tensor_meta")
     # TensorMetadata is itself a NamedTuple, so test for it before treating `meta` as a container.
     if isinstance(meta, TensorMetadata):

@@ -24,6 +24,7 @@ from torch import nn
 # The layout record, the plain GroupPooling and the layout reader live in the e2cnn adapter (fxslim core);
 # they are re-exported here for code that builds zoo models.
 from fxslim.e2cnn_adapter import FieldLayout, GroupMaxPool, field_layout
+from fxslim.module_state import restored_modes
 
 __all__ = ["C4_ORDER", "C4Net", "C4NetPlain", "FieldLayout", "GroupMaxPool", "export_plain", "field_layout"]
 
@@ -120,10 +121,8 @@ def export_plain(model: C4Net) -> C4NetPlain:
     GroupPooling → `GroupMaxPool`. The twin is equivariant only while its weights keep that expanded
     structure: train the e2cnn model, not the twin, or project the twin's weights back after each step."""
     # e2cnn's export() switches modules to eval mode (it caches the expanded filters there); restore after.
-    modes = [(m, m.training) for m in model.modules()]
-    features = model.features.export()
-    for m, training in modes:
-        m.training = training
+    with restored_modes(model):
+        features = model.features.export()
     gsize = _field_size(model.gpool.in_type, "gpool")
     # Deep copy: export() hands back views of e2cnn's cached filters, and the head is the model's own.
     plain = C4NetPlain(features, GroupMaxPool(gsize), model.pool, model.head, field_layout(model))

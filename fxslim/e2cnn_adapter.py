@@ -239,7 +239,7 @@ def current_layout(gm: nn.Module, layout: list[FieldLayout]) -> list[FieldLayout
 
 def fields_to_keep(layout: list[FieldLayout], layer: str, channels) -> np.ndarray:
     """The field indices of `layer` that keeping output `channels` means; PassError when the channels cut
-    through a field (a misaligned removal breaks equivariance: ../shared/FACTS.md measured 0.2 error)."""
+    through a field (a misaligned removal breaks equivariance: docs/notes/facts.md measured 0.2 error)."""
     entry = next((f for f in layout if f.layer == layer), None)
     if entry is None:
         raise PassError(f"no field layout for layer {layer!r}; layers with fields: {[f.layer for f in layout]}")

@@ -185,7 +185,7 @@ def ort_latency(
     The files run interleaved (A B C, then C B A, ...) so that machine drift hits all of them alike, and
     each sample times enough back-to-back runs (at least ~2 ms of CPU) to rise above the timer resolution.
     Process CPU time with one thread varied by about ±2% between runs here, where wall-time ratios did
-    not (FACTS.md). The number of samples is chosen to fit `budget_s`."""
+    not (docs/notes/facts.md). The number of samples is chosen to fit `budget_s`."""
     sessions = {name: ort_session(path, threads=1) for name, path in paths.items()}
     for s in sessions.values():  # warm-up: the first runs allocate buffers and pick kernels
         ort_run(s, inputs)
@@ -421,7 +421,7 @@ def _quantize_int8(
     calibration: str = "percentile",
     fp32_modules: list[str] | None = None,
 ) -> list[str]:
-    """Static QDQ INT8: per-channel QInt8 weights, QUInt8 activations (FACTS.md: signed activations left
+    """Static QDQ INT8: per-channel QInt8 weights, QUInt8 activations (docs/notes/facts.md: signed activations left
     11 of 20 resnet18 convs unfused on AVX2 CPUs without VNNI; unsigned ran 0.54x fp32 time). The nodes of
     `fp32_modules` are left fp32; returns their names."""
     from onnxruntime.quantization import (

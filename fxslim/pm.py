@@ -43,7 +43,7 @@ class PassRecord:
     check_cpu_seconds: float = 0.0  # process CPU time of the checks after it: lint, shapes + cost, symmetry
 
 
-SYMMETRY_ATOL = 1e-4  # fp32 invariance tolerance on the logits (../shared/METHODS.md, equivariant section)
+SYMMETRY_ATOL = 1e-4  # fp32 invariance tolerance on the logits (docs/notes/methods.md, equivariant section)
 
 
 def output_shapes(gm: fx.GraphModule) -> list:

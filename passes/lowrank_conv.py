@@ -1,4 +1,4 @@
-"""Pass `lowrank_conv`: replace convolutions by low-rank chains (papers/lrf-2510.00062, METHODS.md "LRF").
+"""Pass `lowrank_conv`: replace convolutions by low-rank chains (papers/lrf-2510.00062, docs/notes/methods.md).
 
 Each Conv1d/Conv2d becomes a chain of smaller convs with the same output shape, any stride, padding,
 dilation and padding mode, the bias kept on the last layer:

@@ -1,4 +1,4 @@
-"""Pass `lowrank_linear`: replace nn.Linear layers by low-rank chains (papers/lrf-2510.00062, METHODS.md "LRF").
+"""Pass `lowrank_linear`: replace nn.Linear layers by low-rank chains (papers/lrf-2510.00062, docs/notes/methods.md).
 
   * "svd": Linear(in→R, no bias) · Linear(R→out): the truncated SVD W ≈ U_R S_R V_Rᵀ, √S on each side;
   * "qr": the same two linears from a column-pivoted QR, W P = Q R truncated to the first R columns/rows;

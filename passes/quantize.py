@@ -1,7 +1,7 @@
 """Pass `quantize`: INT8 inference for any traced model, by one of two backends.
 
 backend="ort_static" is the deployment path: `fxslim.export`'s static QDQ INT8 (per-channel QInt8 weights,
-QUInt8 activations: on AVX2 CPUs without VNNI signed activations leave convs unfused, ../shared/FACTS.md),
+QUInt8 activations: on AVX2 CPUs without VNNI signed activations leave convs unfused, docs/notes/facts.md),
 calibrated on the first `calib_batches` batches of `ctx.data` (the example inputs when there is no
 data). The fp32 export's onnxruntime parity is checked first; the record counts the ops ORT really runs
 quantized (QLinearConv, QLinearMatMul, ...) and the returned GraphModule runs the INT8 file through an

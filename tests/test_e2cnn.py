@@ -193,7 +193,7 @@ def test_field_pruning_keeps_invariance_and_output_shapes(
 ):
     kernels = kernel_choice[: len(fields)]
     pool_after = (0,) if pool_first else ()
-    # with a 2x2 pool the size must be even (METHODS.md); without one an odd size
+    # with a 2x2 pool the size must be even (docs/notes/methods.md); without one an odd size
     size = 2 * base if pool_first else 2 * base + 1
     torch.manual_seed(len(fields) * 7 + base)
     model = C4Net(

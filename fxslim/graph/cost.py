@@ -1,6 +1,6 @@
 """Parameter and MAC counting per node, from the shapes `shape.propagate` recorded. This is fxslim's one
 cost counter (the pass manager recomputes it after every pass). We count ourselves rather than use
-`torch.utils.flop_counter.FlopCounterMode`, which reads fused attention as zero (FACTS.md). The MAC rules
+`torch.utils.flop_counter.FlopCounterMode`, which reads fused attention as zero (docs/notes/facts.md). The MAC rules
 are ONE table, `MAC_RULES`, keyed by module type, function object or Tensor-method name; adding an op is
 adding a row. This file must never change the graph or the weights, and never guess MACs for an op that
 has no row: such ops count 0 and, when they are modules holding parameters (custom leaf layers), are

@@ -130,7 +130,7 @@ def check_rot90_size(size: int, layers: Sequence[tuple[int, int, int]]) -> None:
 
     A layer's windows start at 0, s, 2s, ...; they are mirror-symmetric (so a rotated input meets the
     rotated windows) only when the last window ends exactly at the padded edge: (size + 2p − k) % s == 0.
-    Otherwise the layer silently drops border rows on one side only and invariance breaks (FACTS.md: 29×29
+    Otherwise the layer silently drops border rows on one side only and invariance breaks (docs/notes/facts.md: 29×29
     into a 2×2 pool gives 2e-2 logit error, 28×28 gives 2e-7). Stride-1 layers never drop rows; a stack of
     2×2 pools needs a size divisible by their total stride; strided 3×3 convolutions with padding 1 need
     odd sizes."""

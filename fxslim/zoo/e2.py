@@ -42,7 +42,7 @@ class C4Net(nn.Module):
 
     Input (N, `in_ch`, H, W). The logits are invariant to `torch.rot90(x, k, (2, 3))` exactly (up to fp32
     rounding) when H and W are divisible by 2**len(pool_after): 28×28 with the default single pool
-    (a 29×29 input drops a different row in the pool for each rotation; see ../shared/FACTS.md)."""
+    (a 29×29 input drops a different row in the pool for each rotation; see docs/notes/facts.md)."""
 
     def __init__(
         self,

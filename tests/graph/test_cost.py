@@ -39,7 +39,7 @@ def macs_of(module_or_fn, *inputs: torch.Tensor) -> int:
 
 
 def flop_counter_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
-    # Grad enabled on purpose: FlopCounterMode only sees the unfused kernels there (FACTS.md).
+    # Grad enabled on purpose: FlopCounterMode only sees the unfused kernels there (docs/notes/facts.md).
     with FlopCounterMode(display=False) as counter:
         module(*inputs)
     return counter.get_total_flops() // 2
@@ -138,7 +138,7 @@ def test_sdpa_counted_even_where_flop_counter_reads_zero():
     q = k = v = torch.randn(1, 2, 16, 8)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(q, k, v)
-    assert counter.get_total_flops() == 0  # the FACTS.md blind spot this counter exists for
+    assert counter.get_total_flops() == 0  # the blind spot in docs/notes/facts.md this counter exists for
     assert macs_of(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v) == 2 * 16 * 16 * 8 * 2
 
 

@@ -209,7 +209,7 @@ def test_group_max_pool_matches_e2cnn_group_pooling(c4):
 
 
 def test_c4net_input_size_rule(c4):
-    """An odd size into the 2×2 pool drops a different row per rotation (../shared/FACTS.md)."""
+    """An odd size into the 2×2 pool drops a different row per rotation (docs/notes/facts.md)."""
     e2, model, _ = c4
     x29 = torch.randn(3, 1, 29, 29, generator=torch.Generator().manual_seed(4))
     assert _rot_error(e2.export_plain(model), x29) > 1e-3

@@ -1,6 +1,6 @@
-"""Memory-bound ops for the latency model of `prune_channels(objective="latency")`.
+"""Memory-bound ops for the latency model of `prune_channels(objective="latency")` (`fxslim.latency_plan`).
 
-A conv or linear layer's time is measured with its weights (`passes/prune_channels.py`); the ops between
+A conv or linear layer's time is measured with its weights (`fxslim.latency_plan`); the ops between
 layers carry no MACs but cost time in proportion to the elements they read: norms, activations, elementwise
 arithmetic, pooling, softmax, concatenation. On ConvNeXt-Tiny at 224x224 they are about a fifth of the
 onnxruntime run (GELU 8 %, depthwise convs 5 %, LayerNorm, Add, Mul, layout reorders; docs/results/latency_224.md),
@@ -11,7 +11,7 @@ the greedy blind to which groups carry them.
 copied into a graph of its own, its first tensor input fed at its recorded shape, any other tensor input a
 constant of its shape, exported to ONNX and timed by `fxslim.latency.module_latency` (cached in the same
 `LatencyTable` as the layers). The time of an op on a one-element tensor (the per-run overhead of a session)
-is subtracted, and the pass scales what is left with the kept fraction of the op's output channels.
+is subtracted, and the planner scales what is left with the kept fraction of the op's output channels.
 
 View-like ops (reshape, permute, flatten, getitem, ...) do not count: onnxruntime removes most transposes of
 a conv net when it changes the layout. Neither do the ops onnxruntime 1.32 fuses into the conv (or 2-D

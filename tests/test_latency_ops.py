@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxslim
+from fxslim import latency_plan
 from fxslim.graph.deps import analyze
 from fxslim.graph.shape import propagate
 from fxslim.latency import LatencyTable
@@ -123,13 +124,13 @@ def test_an_op_steers_the_greedy_to_its_group():
     groups = dg.prunable_groups[:2]
     scores = np.ones(int(dg.label.max()) + 1)
     layers = [
-        prune_channels._Layer("a", "Conv2d", 0.0, 1.0, macs=1000),
-        prune_channels._Layer("b", "Conv2d", 0.0, 1.0, macs=1000),
-        prune_channels._Layer("op", "GELU", 0.0, 9.0, macs=0),
+        latency_plan.Layer("a", "Conv2d", 0.0, 1.0, macs=1000),
+        latency_plan.Layer("b", "Conv2d", 0.0, 1.0, macs=1000),
+        latency_plan.Layer("op", "GELU", 0.0, 9.0, macs=0),
     ]
     n0 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    model = prune_channels.LatencyModel(layers, n0, np.zeros((3, 2)), np.zeros(3), np.ones(3), 0, 0, 2.0, 1)
-    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
+    model = latency_plan.LatencyModel(layers, n0, np.zeros((3, 2)), np.zeros(3), np.ones(3), 0, 0, 2.0, 1)
+    kept, record = latency_plan.choose_widths(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
     lat = record["latency"]
     assert (lat["layers"], lat["ops"]) == (2, 1)
     assert lat["estimated_s"] <= lat["target_s"]

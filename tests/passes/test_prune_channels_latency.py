@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxslim
+from fxslim import latency_plan
+from fxslim.channel_counts import channel_units
 from fxslim.errors import RecipeError
 from fxslim.graph.deps import analyze
 from fxslim.pass_api import PassContext
@@ -141,7 +143,7 @@ def test_round_to_property(spec, ratio, round_to):
     res = prune_channels.run(gm, PassContext(example_inputs=(x,)), ratio=ratio, round_to=round_to)
     assert res.module(x).shape == model(x).shape
     dg = analyze(gm, (x,))
-    units = prune_channels._units(dg, dg.prunable_groups, round_to)  # round_to, or less where a channel
+    units = channel_units(dg, dg.prunable_groups, round_to)  # round_to, or less where a channel
     assert all(round_to % u == 0 for u in units)  # spans several weight rows (shuffle pairs, heads)
     for g, u in zip(res.record.get("per_group", []), units, strict=True):
         assert g["kept"] == g["size"] or (g["kept"] % u == 0 and g["kept"] >= u), (g, u)
@@ -219,9 +221,6 @@ def test_latency_respects_ignore_and_round_to(measured):
 def timed_widths(monkeypatch, tmp_path):
     """widths(gm, x, round_to) -> the (kind, in, out, groups) of every layer objective="latency" times (a fake
     timer: nothing runs), with round_to left to its default when None."""
-    import fxslim.latency
-    import fxslim.latency_ops
-
     timed = set()
 
     def fake(module, shape, **kwargs):
@@ -232,8 +231,8 @@ def timed_widths(monkeypatch, tmp_path):
             timed.add(("linear", layer.in_features, layer.out_features, 1))
         return 1e-3 * math.prod(shape[1:2]) * getattr(layer, "out_channels", 1)
 
-    monkeypatch.setattr(fxslim.latency, "module_latency", fake)
-    monkeypatch.setattr(fxslim.latency_ops, "op_seconds", lambda gm, node, table: (1e-6, False))
+    monkeypatch.setattr(latency_plan, "module_latency", fake)
+    monkeypatch.setattr(latency_plan, "op_seconds", lambda gm, node, table: (1e-6, False))
 
     def widths(gm, x, round_to):
         timed.clear()
@@ -292,13 +291,13 @@ def test_latency_target_is_the_rounded_uniform_cut():
     gm = mixed()
     dg = analyze(gm, (X,))
     groups = dg.prunable_groups
-    layers = [prune_channels._Layer(str(i), "Conv2d", 0.0, 1.0, macs=1000) for i in range(len(groups))]
+    layers = [latency_plan.Layer(str(i), "Conv2d", 0.0, 1.0, macs=1000) for i in range(len(groups))]
     n0 = np.eye(len(groups))
-    model = prune_channels.LatencyModel(
+    model = latency_plan.LatencyModel(
         layers, n0, np.zeros_like(n0), np.zeros(len(groups)), np.ones(len(groups)), 0, 0, 1.0
     )
-    units = prune_channels._units(dg, groups, 8)
-    _, record = prune_channels._choose_latency(
+    units = channel_units(dg, groups, 8)
+    _, record = latency_plan.choose_widths(
         groups, scores=np.ones(int(dg.label.max()) + 1), model=model, ratio=0.5, units=units, max_ratio=0.75
     )
     macs = prune(mixed(), ratio=0.5, round_to=8).record["per_group"]
@@ -314,11 +313,11 @@ def test_latency_greedy_pays_where_seconds_are_cheapest():
     scores = np.ones(int(dg.label.max()) + 1)
     n0 = np.array([[1.0, 0.0], [0.0, 1.0]])
     layers = [
-        prune_channels._Layer("a", "Conv2d", 0.0, 10.0, macs=1000),
-        prune_channels._Layer("b", "Conv2d", 0.0, 1.0, macs=1000),
+        latency_plan.Layer("a", "Conv2d", 0.0, 10.0, macs=1000),
+        latency_plan.Layer("b", "Conv2d", 0.0, 1.0, macs=1000),
     ]
-    model = prune_channels.LatencyModel(layers, n0, np.zeros((2, 2)), np.zeros(2), np.ones(2), 0, 0, 11.0)
-    kept, record = prune_channels._choose_latency(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
+    model = latency_plan.LatencyModel(layers, n0, np.zeros((2, 2)), np.zeros(2), np.ones(2), 0, 0, 11.0)
+    kept, record = latency_plan.choose_widths(groups, scores, model, 0.25, np.ones(2, dtype=np.int64), 0.75)
     lat = record["latency"]
     assert lat["estimated_s"] <= lat["target_s"]
     assert lat["target_s"] == pytest.approx(

@@ -3,10 +3,13 @@
 Public API (a contract, see docs): trace, analyze, count, compress, export_onnx, DependencyGraph and the
 typed errors. Data flows one way: trace → annotate → analyze → rewrite passes → verify → export."""
 
+# Adapters register their ops and tracing through the public `register_op`, as a user's code does.
+from fxslim import e2cnn_adapter  # noqa: F401  (registers; imports e2cnn only when a model uses it)
 from fxslim.api import CompressResult, compress
 from fxslim.errors import AnalysisError, ExportError, FxslimError, PassError, RecipeError, TraceError
 from fxslim.graph.cost import Cost, count
 from fxslim.graph.deps import DependencyGraph, Group, analyze
+from fxslim.ops import register_op
 from fxslim.trace import trace
 
 
@@ -19,5 +22,5 @@ def export_onnx(module, example_inputs, path, *, quantize=None, calib_data=None,
 
 __all__ = [
     "AnalysisError", "CompressResult", "Cost", "DependencyGraph", "ExportError", "FxslimError", "Group",
-    "PassError", "RecipeError", "TraceError", "analyze", "compress", "count", "export_onnx", "trace",
+    "PassError", "RecipeError", "TraceError", "analyze", "compress", "count", "export_onnx", "register_op", "trace",
 ]

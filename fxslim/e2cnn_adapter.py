@@ -25,6 +25,10 @@ import torch
 from torch import fx, nn
 
 from fxslim.errors import PassError, TraceError
+from fxslim.graph.rules.base import DepsBuilder, Ids
+from fxslim.module_state import restored_modes
+from fxslim.ops import register_op
+from fxslim.trace import register_trace_adapter
 
 GROUP_META, LAYOUT_META = "group", "field_layout"
 
@@ -164,10 +168,8 @@ def plain_root(root: nn.Module) -> tuple[nn.Module, dict[int, object]]:
             f"{type(root).__name__} is itself an e2cnn module: trace the model that wraps it "
             "(a forward that builds the GeometricTensor), or trace root.export()"
         )
-    training = [(m, m.training) for m in root.modules()]
-    swap(root, "")
-    for m, t in training:  # e2cnn's export() switches modules to eval; the copy keeps its caller's flags
-        m.training = t
+    with restored_modes(root):  # e2cnn's export() switches modules to eval; the copy keeps its caller's flags
+        swap(root, "")
     return root, out_types
 
 
@@ -329,3 +331,41 @@ def _field_batchnorms(gm: fx.GraphModule) -> Iterator[tuple[nn.modules.batchnorm
             bn = modules[node.target]
             if isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 yield bn, sizes[src.target]
+
+
+# ---------------------------------------------------------------------------------------------- registration
+class _E2cnnTracing:
+    """The trace adapter of e2cnn models (fxslim.trace.TraceAdapter)."""
+
+    def claims(self, model: nn.Module) -> bool:
+        return is_e2cnn_model(model)
+
+    def meta(self, model: nn.Module) -> dict:
+        return model_meta(model)
+
+    def prepare(self, root: nn.Module) -> tuple[nn.Module, dict[int, object]]:
+        return plain_root(root)
+
+    def tracing(self):
+        return geometric_tracing()
+
+    def unwrap(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return unwrap_args(args, kwargs)
+
+    def wrap(self, out, info):
+        return wrap_output(out, info)
+
+
+def _group_max_pool_rule(deps: DepsBuilder, node: fx.Node, mod: nn.Module) -> Ids | None:
+    """e2cnn GroupPooling (max over each field's `group_size` channels): a field is one channel, and output
+    channel f is input field f. The module reshapes with -1, so removing whole fields needs no update."""
+    x = deps.ids(node.args[0])
+    if x is None or len(x) < 2 or len(x[1]) % mod.group_size:
+        return None
+    fields = x[1].reshape(-1, mod.group_size)
+    deps.unify(fields, np.broadcast_to(fields[:, :1], fields.shape))
+    return [x[0], fields[:, 0].copy(), *x[2:]]
+
+
+register_trace_adapter(_E2cnnTracing())
+register_op(GroupMaxPool, rule=_group_max_pool_rule, leaf=True)

@@ -2,7 +2,7 @@
 
 `module_latency(module, input_shape)` exports one nn.Module alone to ONNX (random input of that shape, the
 module's own weights) and times it with `fxslim.export.ort_latency`: median process CPU seconds of one run
-on one ORT intra-op thread (FACTS.md: the most stable measure here). Results are cached in a
+on one ORT intra-op thread (docs/notes/facts.md: the most stable measure here). Results are cached in a
 `LatencyTable` (a JSON file, by default `cache_root()/latency.json`) keyed by the module type, its
 configuration (its repr: layer types, sizes, strides, ...; not its weights, which do not change dense
 kernels' time), the input shape and the onnxruntime version. Compression passes use it to compare layer

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.latency import LatencyTable, module_latency
+from fxslim.ops import is_latency_op
 
 _MODULES: tuple[type, ...] = (
     nn.LayerNorm,
@@ -118,6 +119,8 @@ def _float_shape(node) -> tuple[int, ...] | None:
 
 
 def _counts(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if is_latency_op(gm, node):  # declared with fxslim.register_op(..., latency="op")
+        return True
     if node.op == "call_module":
         return isinstance(_module(gm, node), _MODULES)
     if node.op == "call_function":

@@ -1,33 +1,60 @@
 """Trace: turn an nn.Module into a torch.fx GraphModule, the IR every later stage reads.
 
 Uses `torch.fx.Tracer` with a leaf policy: torch.nn modules (fx's default), the user's `leaf_modules`
-(types or qualified names) and fxslim's own leaf types (`_REGISTERED_LEAVES`). The module tree is
+(types or qualified names) and the types `fxslim.register_op(..., leaf=True)` declared. The module tree is
 cloned first (graph/clone.py: new module objects, shared tensors, so no flag or attribute of the caller's
 model is ever touched) and traced in eval mode so `self.training` branches take their inference path.
 Failures become `TraceError`s that name the module path being traced and the Python construct that
-broke tracing. e2cnn models are traced through the e2cnn adapter (fxslim/e2cnn_adapter.py): their e2cnn
-modules become plain-torch exports, the GeometricTensor wrap/unwrap traces as identity, and the declared
-group and field layout land in `gm.meta`. This file must never change the model."""
+broke tracing. A model family fx cannot trace as written registers a `TraceAdapter`
+(`register_trace_adapter`): it claims the model, swaps what fx cannot read for traceable stand-ins, turns
+its wrapper values into plain tensors around each module call, and gives the metadata that lands in
+`gm.meta` (the e2cnn adapter does this for e2cnn models). This file names no adapter and must never change
+the model."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from torch import fx, nn
 
-from fxslim import e2cnn_adapter
 from fxslim.errors import TraceError
 from fxslim.graph.clone import clone_gm, shallow_clone
-from fxslim.modules import SlimMultiheadAttention
-
-# Module types fxslim inserts or exports, each with its own channel rule; fx never looks inside them.
-_REGISTERED_LEAVES: set[type] = {SlimMultiheadAttention, e2cnn_adapter.GroupMaxPool}
+from fxslim.ops import LEAF_TYPES
 
 
-def register_leaf(module_type: type) -> None:
-    """Declare a module type that fx must not trace into (it needs a channel rule in graph/rules/)."""
-    _REGISTERED_LEAVES.add(module_type)
+class TraceAdapter(Protocol):
+    """A model family torch.fx cannot trace as written (e.g. modules that pass wrapper objects around)."""
+
+    def claims(self, model: nn.Module) -> bool:
+        """Whether this adapter traces `model`."""
+
+    def meta(self, model: nn.Module) -> dict:
+        """What the stand-ins lose, kept in `gm.meta` (e.g. a symmetry group and a channel layout)."""
+
+    def prepare(self, root: nn.Module) -> tuple[nn.Module, dict[int, Any]]:
+        """Swap, in `root` (a copy), what fx cannot read for traceable stand-ins; per stand-in module id, what
+        `wrap` needs to rebuild its output's wrapper."""
+
+    def tracing(self) -> AbstractContextManager:
+        """A context in force while fx traces (e.g. letting a wrapper hold a Proxy)."""
+
+    def unwrap(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Wrapper arguments of a module call become plain tensors."""
+
+    def wrap(self, out: Any, info: Any) -> Any:
+        """A stand-in's output wrapped back as the original module's (`info` from `prepare`)."""
+
+
+_ADAPTERS: list[TraceAdapter] = []
+
+
+def register_trace_adapter(adapter: TraceAdapter) -> None:
+    """Make `trace` hand the models `adapter` claims to it (the first claiming adapter wins)."""
+    if adapter not in _ADAPTERS:
+        _ADAPTERS.append(adapter)
 
 
 class _Tracer(fx.Tracer):
@@ -38,8 +65,8 @@ class _Tracer(fx.Tracer):
         self._leaf_names = leaf_names
         self.path: list[str] = []
         self.failed_at: list[str] | None = None
-        # e2cnn models: module id -> output field type of the e2cnn module it was exported from
-        self.geometric: dict[int, object] | None = None
+        self.adapter: TraceAdapter | None = None  # the adapter of the model being traced, if any
+        self.wrap_info: dict[int, Any] = {}  # stand-in module id -> the adapter's info to re-wrap its output
         self._param_index: tuple[nn.Module, dict[int, str]] | None = None  # (root, id(parameter) -> name)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
@@ -65,11 +92,11 @@ class _Tracer(fx.Tracer):
         # Keep the module path so a failure deep inside can say where it happened.
         self.path.append(self.path_of_module(m) or type(m).__name__)
         try:
-            if self.geometric is None:
+            if self.adapter is None:
                 return super().call_module(m, forward, args, kwargs)
-            args, kwargs = e2cnn_adapter.unwrap_args(args, kwargs)
+            args, kwargs = self.adapter.unwrap(args, kwargs)
             out = super().call_module(m, forward, args, kwargs)
-            return e2cnn_adapter.wrap_output(out, self.geometric.get(id(m)))
+            return self.adapter.wrap(out, self.wrap_info.get(id(m)))
         except Exception:
             if self.failed_at is None:
                 self.failed_at = list(self.path)
@@ -102,7 +129,7 @@ def trace(
         raise TraceError(f"trace expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
         return clone_gm(model)
-    leaves = tuple(m for m in leaf_modules if isinstance(m, type)) + tuple(_REGISTERED_LEAVES)
+    leaves = tuple(m for m in leaf_modules if isinstance(m, type)) + tuple(LEAF_TYPES)
     names = frozenset(m for m in leaf_modules if isinstance(m, str))
     unknown = sorted(n for n in names if n not in dict(model.named_modules()))
     if unknown:
@@ -110,14 +137,15 @@ def trace(
     root = shallow_clone(model)
     tracer = _Tracer(leaves, names)
     meta = dict(getattr(model, "fxslim_meta", {}) or {})
-    geometric = contextlib.nullcontext()
-    if e2cnn_adapter.is_e2cnn_model(model):
-        meta.update(e2cnn_adapter.model_meta(model))
-        root, tracer.geometric = e2cnn_adapter.plain_root(root)
-        geometric = e2cnn_adapter.geometric_tracing()
+    tracer.adapter = next((a for a in _ADAPTERS if a.claims(model)), None)
+    tracing: AbstractContextManager = contextlib.nullcontext()
+    if tracer.adapter is not None:
+        meta.update(tracer.adapter.meta(model))
+        root, tracer.wrap_info = tracer.adapter.prepare(root)
+        tracing = tracer.adapter.tracing()
     root.eval()
     try:
-        with geometric:
+        with tracing:
             graph = tracer.trace(root)
     except Exception as exc:
         where = (tracer.failed_at or [""])[-1] or "<top level forward>"

@@ -82,8 +82,8 @@ class DigitsResNet(nn.Module):
 
 
 class CNN1D(nn.Module):
-    """The plain AMR CNN of the FCOS paper's experiments (papers/fcos-2505.21571, docs/notes/papers.md): `depth` blocks of
-    conv1d(k=`kernel`)-BN-ReLU-maxpool(2), then flatten → linear(`hidden`) → ReLU → dropout → linear.
+    """The plain AMR CNN of the FCOS paper's experiments (papers/fcos-2505.21571, docs/notes/papers.md): `depth`
+    blocks of conv1d(k=`kernel`)-BN-ReLU-maxpool(2), then flatten → linear(`hidden`) → ReLU → dropout → linear.
 
     The head flattens C×L on purpose (as the AMR CNNs do): the first linear's input columns are tied to
     channel × position, which the dependency analyzer must slice per channel. Input (N, `in_ch`, `length`)

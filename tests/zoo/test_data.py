@@ -151,7 +151,7 @@ def test_sizes_are_validated_and_checked_against_the_models_windows():
         rotated_digits_tensors(28, "rot45")
     conv_pool = [(3, 1, 1), (3, 1, 1), (2, 2, 0)]
     check_rot90_size(28, conv_pool)
-    with pytest.raises(DataError, match="layer 2.*1 row"):  # docs/notes/facts.md: 29×29 into a 2×2 pool breaks invariance
+    with pytest.raises(DataError, match="layer 2.*1 row"):  # docs/notes/facts.md: 29 into a 2x2 pool
         check_rot90_size(29, conv_pool)
     with pytest.raises(DataError, match="size 29"):
         rotated_digits(29, layers=conv_pool)

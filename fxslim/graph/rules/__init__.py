@@ -39,7 +39,6 @@ from fxslim.graph.rules.layers import (
     conv_update,
     embedding,
     embedding_update,
-    group_max_pool,
     groupnorm,
     groupnorm_update,
     layernorm,
@@ -71,8 +70,6 @@ from fxslim.graph.rules.table import (
     METHOD_RULES,
     MODULE_RULES,
     Rule,
-    register_function_rule,
-    register_module_rule,
     rule_for,
 )
 
@@ -106,7 +103,6 @@ __all__ = [
     "gather_rows",
     "getitem",
     "getitem_update",
-    "group_max_pool",
     "groupnorm",
     "groupnorm_update",
     "layernorm",
@@ -126,8 +122,6 @@ __all__ = [
     "prelu_update",
     "reads_changed_size",
     "reduce_dims",
-    "register_function_rule",
-    "register_module_rule",
     "relative_position_bias",
     "reshape",
     "reshape_update",

@@ -1,5 +1,5 @@
 """Channel rules of layers that own parameters: conv, transposed conv, linear, the norms, PReLU, embedding,
-ChannelAffine, and e2cnn's GroupMaxPool. Each ties its parameter dims to the channel ids (`deps.param`) and
+and ChannelAffine. Each ties its parameter dims to the channel ids (`deps.param`) and
 its update sets the module's size attributes from the re-indexed parameters."""
 
 from __future__ import annotations
@@ -178,14 +178,3 @@ def channel_affine(deps: DepsBuilder, node: fx.Node, mod: nn.Module) -> Ids | No
     for attr in ("scale", "shift"):
         deps.param(node, attr, [SLICE], ["param"], like=[x[d]])
     return list(x)
-
-
-def group_max_pool(deps: DepsBuilder, node: fx.Node, mod: nn.Module) -> Ids | None:
-    """e2cnn GroupPooling (max over each field's `group_size` channels): a field is one channel, and output
-    channel f is input field f. The module reshapes with -1, so removing whole fields needs no update."""
-    x = deps.ids(node.args[0])
-    if x is None or len(x) < 2 or len(x[1]) % mod.group_size:
-        return None
-    fields = x[1].reshape(-1, mod.group_size)
-    deps.unify(fields, np.broadcast_to(fields[:, :1], fields.shape))
-    return [x[0], fields[:, 0].copy(), *x[2:]]

@@ -1,6 +1,7 @@
 """THE table: module type, function or method name -> `Rule`, and `rule_for`, the one lookup the analyzer and
 the rewriter use. The rule functions live in their family files; this file only pairs them with ops.
-Adding an op is adding a row."""
+Adding an op is adding a row; ops from outside fxslim's core (adapters, users' layers) add theirs with
+`fxslim.register_op` (fxslim/ops.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxslim.e2cnn_adapter import GroupMaxPool
 from fxslim.graph.rules.attention import (
     multihead_attention,
     multihead_attention_update,
@@ -34,7 +34,6 @@ from fxslim.graph.rules.layers import (
     conv_update,
     embedding,
     embedding_update,
-    group_max_pool,
     groupnorm,
     groupnorm_update,
     layernorm,
@@ -138,7 +137,6 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Unflatten: Rule(reshape, reshape_update, rewrites_size_args=True),
     nn.MultiheadAttention: Rule(multihead_attention, multihead_attention_update),
     SlimMultiheadAttention: Rule(multihead_attention, multihead_attention_update),
-    GroupMaxPool: Rule(group_max_pool),
     ChannelAffine: Rule(channel_affine),
     **{t: Rule(passthrough) for t in _ACTIVATIONS},
     **{t: Rule(spatial(n)) for t, n in _POOLS.items()},
@@ -302,16 +300,6 @@ METHOD_RULES: dict[str, Rule] = {
     "matmul": Rule(matmul),
     "bmm": Rule(matmul),
 }
-
-
-def register_function_rule(fn: object, rule: Rule) -> None:
-    """Give a function that torch.fx keeps as a call (e.g. one passed to `torch.fx.wrap`) its rule."""
-    FUNCTION_RULES[fn] = rule
-
-
-def register_module_rule(module_type: type, rule: Rule) -> None:
-    """Give a leaf module type its channel rule."""
-    MODULE_RULES[module_type] = rule
 
 
 def _register_torchvision() -> None:

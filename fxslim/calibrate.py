@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fxslim import e2cnn_adapter
 from fxslim.errors import PassError
 from fxslim.module_state import device_of, eval_mode
+from fxslim.symmetry import pool_statistics_
 from fxslim.training import split_batch
 
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -30,8 +30,8 @@ def recalibrate_bn_(
     """Re-estimate, in place, the statistics of every BN of `gm` on the first `batches` batches of `data`.
 
     momentum None is the cumulative average over all batches. A BN the data never reaches (a branch not
-    taken) keeps its old statistics. A C4 e2cnn model gets each field's pooled statistics (its fields share
-    one InnerBatchNorm statistic), so its rotation invariance survives.
+    taken) keeps its old statistics. A model with a declared symmetry (a C4 e2cnn model: each field shares one
+    InnerBatchNorm statistic) gets each field's pooled statistics, so its rotation invariance survives.
     Returns {"bn_layers", "batches", "momentum", "unused"}."""
     bns = {name: m for name, m in gm.named_modules() if has_running_stats(m)}
     if not bns:
@@ -59,8 +59,7 @@ def recalibrate_bn_(
     unused = sorted(name for name, bn in bns.items() if int(bn.num_batches_tracked) == 0)
     for name in unused:
         _restore_stats(bns[name], saved[name][1])
-    if e2cnn_adapter.can_symmetrize(gm):
-        e2cnn_adapter.pool_field_statistics_(gm)  # per-channel statistics -> each field's pooled ones
+    pool_statistics_(gm)  # a model with fields (e2cnn): per-channel statistics -> each field's pooled ones
     gm.to(home)
     return {"bn_layers": len(bns) - len(unused), "batches": used, "momentum": momentum, "unused": unused}
 

@@ -28,9 +28,8 @@ from fxslim.errors import PassError, TraceError
 from fxslim.graph.rules.base import DepsBuilder, Ids
 from fxslim.module_state import restored_modes
 from fxslim.ops import register_op
+from fxslim.symmetry import GROUP_META, LAYOUT_META, register_symmetry
 from fxslim.trace import register_trace_adapter
-
-GROUP_META, LAYOUT_META = "group", "field_layout"
 
 
 @dataclass(frozen=True)
@@ -367,5 +366,28 @@ def _group_max_pool_rule(deps: DepsBuilder, node: fx.Node, mod: nn.Module) -> Id
     return [x[0], fields[:, 0].copy(), *x[2:]]
 
 
+class _RotationSymmetry:
+    """The symmetry handler of the cyclic and dihedral groups e2cnn declares (fxslim.symmetry)."""
+
+    def claims(self, group: str) -> bool:
+        return re.fullmatch(r"[CD]\d+", group) is not None
+
+    def rotations(self, group: str) -> list[int]:
+        return rotations(group)
+
+    def refresh_layout(self, gm: nn.Module, layout: list) -> list:
+        return current_layout(gm, layout)
+
+    def can_project(self, gm: nn.Module) -> bool:
+        return can_symmetrize(gm)
+
+    def project_(self, gm: nn.Module) -> None:
+        symmetrize_(gm)
+
+    def pool_statistics_(self, gm: nn.Module) -> None:
+        pool_field_statistics_(gm)
+
+
 register_trace_adapter(_E2cnnTracing())
+register_symmetry(_RotationSymmetry())
 register_op(GroupMaxPool, rule=_group_max_pool_rule, leaf=True)

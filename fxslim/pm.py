@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from fxslim import e2cnn_adapter
+from fxslim import symmetry
 from fxslim.dump import dump_ir
 from fxslim.errors import AnalysisError, FxslimError, PassError
 from fxslim.graph.cost import Cost, annotate
@@ -127,7 +127,7 @@ def symmetry_error(gm: fx.GraphModule, example_inputs: tuple) -> float | None:
     """max over the rotations k of the declared group of |gm(rot90(x, k)) - gm(x)| on the logits (None
     when `gm` declares no group with rot90 elements). Invariant outputs (rank <= 2) only: a spatial output
     would need its fields' channel permutation, which fxslim does not check."""
-    ks = e2cnn_adapter.rotations(gm.meta.get(e2cnn_adapter.GROUP_META))
+    ks = symmetry.rotations(gm)
     if not ks:
         return None
     x, *rest = example_inputs
@@ -146,10 +146,8 @@ def _check_symmetry(result: PassResult, spec: PassSpec, example_inputs: tuple) -
     """Whole fields in every layout conv, then the rot90 check: PassError naming the pass when broken.
     INT8 passes (record {"int8": True}) have their error recorded, not enforced."""
     gm = result.module
-    layout = gm.meta.get(e2cnn_adapter.LAYOUT_META)
     try:
-        if layout:
-            gm.meta[e2cnn_adapter.LAYOUT_META] = e2cnn_adapter.current_layout(gm, layout)
+        symmetry.refresh_layout_(gm)
         error = symmetry_error(gm, example_inputs)
     except FxslimError as exc:
         raise PassError(str(exc), pass_name=spec.name) from exc

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxslim import e2cnn_adapter
 from fxslim.errors import PassError
 from fxslim.graph.clone import detach_tensors
 from fxslim.module_state import eval_mode
 from fxslim.rewrite import ChannelPlan
+from fxslim.symmetry import can_project, project_, rotations
 from fxslim.training import split_batch
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -52,10 +52,10 @@ def refit_after_pruning(
     """`reconstruct_` as a pruning pass runs it: on the first `batches` batches of `data`; for a model that
     declares a rotation group (e2cnn), each batch with all of the group's rot90 copies of its inputs (so the
     least-squares solution is itself equivariant) and the layout convs projected back onto the equivariant
-    subspace after each layer (`e2cnn_adapter.symmetrize_`)."""
-    ks = e2cnn_adapter.rotations(new.meta.get(e2cnn_adapter.GROUP_META))
+    subspace after each layer (`fxslim.symmetry.project_`)."""
+    ks = rotations(new)
     augment = (lambda x: torch.cat([x, *(torch.rot90(x, k, (-2, -1)) for k in ks)])) if ks else None
-    project = e2cnn_adapter.symmetrize_ if e2cnn_adapter.can_symmetrize(new) else None
+    project = project_ if can_project(new) else None
     calib = list(itertools.islice(data, batches))
     return reconstruct_(new, old, plan, calib, augment=augment, project=project, seed=seed)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from fxslim import e2cnn_adapter
+from fxslim import symmetry
 from fxslim.errors import PassError
 from fxslim.module_state import device_of
 from fxslim.options import Option, Schema
@@ -163,13 +163,13 @@ def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) 
     # A model that declares a symmetry group (e2cnn) trains by projected gradient descent: its convs are
     # projected back onto the equivariant subspace before every forward, so the invariance survives.
     hook = None
-    if gm.meta.get(e2cnn_adapter.GROUP_META):
-        if not e2cnn_adapter.can_symmetrize(gm):
+    if symmetry.declared_group(gm):
+        if not symmetry.can_project(gm):
             raise PassError(
                 f"training would break the declared {gm.meta['group']} symmetry; "
                 "only C4 models with regular or trivial fields are kept equivariant"
             )
-        hook = gm.register_forward_pre_hook(lambda module, args: e2cnn_adapter.symmetrize_(module))
+        hook = gm.register_forward_pre_hook(lambda module, args: symmetry.project_(module))
     record = fit(
         gm,
         lambda epoch: _split_epoch(data, needs_val, opts.val_fraction, opts.max_batches_per_epoch),
@@ -190,7 +190,7 @@ def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) 
     )
     if hook is not None:
         hook.remove()
-        e2cnn_adapter.symmetrize_(gm)
+        symmetry.project_(gm)
         record["symmetrized"] = True
     gm.eval().to(home)
     ctx.debug("finetune: %s", record)

@@ -170,7 +170,7 @@ def _pool(t: torch.Tensor) -> np.ndarray:
 
 def _probe(features: np.ndarray, y: np.ndarray, seed: int) -> float:
     """Held-out accuracy of a logistic-regression probe (70% fit, 30% scored, seeded split)."""
-    # Imported here: scikit-learn takes seconds to import, and every recipe loads every pass module.
+    # Imported here: scikit-learn takes seconds to import, and only the probes need it.
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 

@@ -229,20 +229,9 @@ def quantized_op_counts(path: str | Path) -> dict[str, int]:
     return {op: n for op, n in op_counts(path).items() if _QUANT_OPS.match(op)}
 
 
-def export_onnx(
-    module: nn.Module,
-    example_inputs: Any,
-    path: str | Path,
-    *,
-    quantize: str | None = None,
-    calib_data: Iterable[Any] | None = None,
-    calibration: str = "percentile",
-    fp32_modules: Iterable[str] = (),
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
-    opset: int | None = None,
-) -> float:
+def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, **options: Any) -> float:
     """Write ``module`` to ``path`` as ONNX, check it in onnxruntime, return the max abs error vs PyTorch.
+    ``options`` are ``export_report``'s: quantize, calib_data, calibration, fp32_modules, atol, rtol, opset.
 
     ``quantize="int8"`` writes the fp32 file to ``<stem>.fp32.onnx`` next to ``path`` and a static QDQ INT8
     model (per-channel QInt8 weights, QUInt8 activations) calibrated on ``calib_data`` (tensors or (x, y)
@@ -256,18 +245,7 @@ def export_onnx(
     The file has the static input shapes of ``example_inputs`` (batch size included). The PyTorch
     reference runs on the module's own device; on CUDA, TF32 convolutions can exceed the default rtol.
     """
-    return export_report(
-        module,
-        example_inputs,
-        path,
-        quantize=quantize,
-        calib_data=calib_data,
-        calibration=calibration,
-        fp32_modules=fp32_modules,
-        atol=atol,
-        rtol=rtol,
-        opset=opset,
-    ).max_abs_error
+    return export_report(module, example_inputs, path, **options).max_abs_error
 
 
 def export_report(

@@ -9,11 +9,13 @@ by name and no layer type: the passes bring those (`LayerKind`). The graph edit 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,9 +125,38 @@ def _rank_problem(rank) -> str | None:
     return None if ok else "must be an integer >= 1 or a fraction in (0, 1]"
 
 
-def low_rank_schema(methods: Iterable[str], *own: Option) -> Schema:
-    """The schema of a low-rank pass over `methods` (plus "auto"), with the pass's `own` options."""
-    methods = tuple(methods)
+# The defaults of the options every low-rank pass has, in the order of its signature (the pass's own options
+# go after model_similarity).
+_SHARED_BEFORE = {"rank": None, "similarity": 0.92, "objective": "flops", "search": "bisect", "step": 1,
+                  "calib_samples": 1000, "model_similarity": None}
+_SHARED_AFTER = {"dissimilarity_scale": None, "candidates": None, "ignore": (), "reconstruct": False,
+                 "calib_batches": 8}
+
+
+def low_rank_pass(kind: LayerKind, method: str, doc: str, own: dict[Option, Any] | None = None):
+    """`(OPTIONS, run)` of a low-rank pass: `run(gm, ctx, *, method=method, <shared options>, <own options>)`
+    factorises the layers `kind` names, its options checked by `OPTIONS`; `own` maps the pass's own options to
+    their defaults (handed to its Factorisations)."""
+    own = own or {}
+    defaults = {"method": method, **_SHARED_BEFORE, **{o.name: d for o, d in own.items()}, **_SHARED_AFTER}
+
+    def run(gm: fx.GraphModule, ctx: PassContext, **options: Any) -> PassResult:
+        return factorise(gm, ctx, kind, LowRankOptions.take({**defaults, **options}))
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter("gm", positional), inspect.Parameter("ctx", positional)]
+        + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()],
+        return_annotation=PassResult,
+    )
+    run.__doc__ = doc
+    schema = _low_rank_schema(kind, *own)
+    return schema, schema.checks(run)
+
+
+def _low_rank_schema(kind: LayerKind, *own: Option) -> Schema:
+    """The schema of a low-rank pass over `kind`'s methods (plus "auto"), with the pass's `own` options."""
+    methods = tuple(kind.methods)
 
     def scale_problem(scale: dict) -> str | None:
         for name, factor in scale.items():
@@ -174,6 +205,7 @@ def low_rank_schema(methods: Iterable[str], *own: Option) -> Schema:
         ],
         needs_data=lambda o: ("rank=None searches ranks on data" if o["rank"] is None
                               else "reconstruct=True re-fits on data" if o["reconstruct"] else None),
+        name=kind.pass_name,
     )
 
 

@@ -149,20 +149,21 @@ class Schema:
         *options: Option,
         rules: Iterable[Requires] = (),
         needs_data: Callable[[Mapping[str, Any]], str | None] | None = None,
+        name: str | None = None,
     ) -> None:
         self.options = {o.name: o for o in options}
         self.rules = tuple(rules)
         self.needs_data = needs_data  # options -> why data is needed (None: not needed)
         self.aliases = {a: o.name for o in options for a in o.aliases}
         self.defaults: dict[str, Any] = {}
-        self.pass_name = ""
+        self.pass_name = name or ""  # else the NAME of the module that defines the decorated run
 
     def checks(self, run: Callable) -> Callable:
         """Decorate a pass's `run`: the schema must name exactly its keyword-only options; every direct call
         is checked like a recipe (values, then the graph and data)."""
         params = inspect.signature(run).parameters.values()
         self.defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        self.pass_name = run.__globals__.get("NAME") or run.__module__.rsplit(".", 1)[-1]
+        self.pass_name = self.pass_name or run.__globals__.get("NAME") or run.__module__.rsplit(".", 1)[-1]
         if set(self.defaults) != set(self.options):
             raise TypeError(
                 f"{run.__module__}.run: options {sorted(self.defaults)} but schema {sorted(self.options)}"
@@ -253,6 +254,12 @@ def ignore_option(what: str = "module names left as they are", *, nodes: bool = 
 
 
 CALIB_BATCHES = Option("calib_batches", int, "calibration batches read from the start of data", range=">= 1")
+RECONSTRUCT = Option("reconstruct", bool, "least-squares re-fit of the layers after the change (needs data)")
+
+
+def reconstruct_needs_data(options: Mapping[str, Any]) -> str | None:
+    """`needs_data` of a pass whose only use of data is `reconstruct=True`."""
+    return "reconstruct=True re-fits on data" if options["reconstruct"] else None
 
 
 def calib_samples_option(default_help: str, *, minimum: int = 1, aliases: tuple[str, ...] = ()) -> Option:

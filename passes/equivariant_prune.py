@@ -27,7 +27,7 @@ from torch import fx, nn
 from fxslim import e2cnn_adapter
 from fxslim.errors import PassError
 from fxslim.graph.deps import DependencyGraph, Group, analyze
-from fxslim.options import CALIB_BATCHES, Option, Schema, ignore_option
+from fxslim.options import CALIB_BATCHES, RECONSTRUCT, Option, Schema, ignore_option, reconstruct_needs_data
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.reconstruct import refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
@@ -40,9 +40,9 @@ OPTIONS = Schema(
            range="[0, 1)"),
     Option("scope", str, "linear (the paper: Linear units), fields (whole R2Conv fields) or all", choices=SCOPES),
     ignore_option("module names never pruned"),
-    Option("reconstruct", bool, "least-squares re-fit of the layers that read changed channels (needs data)"),
+    RECONSTRUCT,
     CALIB_BATCHES,
-    needs_data=lambda o: "reconstruct=True re-fits on data" if o["reconstruct"] else None,
+    needs_data=reconstruct_needs_data,
 )
 
 

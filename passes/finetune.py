@@ -125,22 +125,7 @@ def run(
     record: {"epochs": int, "steps": int, "final_train_loss": float | None, "final_train_acc": float | None,
     "best_val_acc": float | None, "stopped_early": bool}.
     """
-    opts = Options(
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        scheduler=scheduler,
-        step_size=step_size,
-        gamma=gamma,
-        kd_temperature=kd_temperature,
-        kd_alpha=kd_alpha,
-        patience=patience,
-        val_fraction=val_fraction,
-        max_batches_per_epoch=max_batches_per_epoch,
-        adaptive=adaptive,
-        min_drop=min_drop,
-    )
+    opts = Options(**{k: v for k, v in locals().items() if k not in ("gm", "ctx")})
     data = ctx.require_data(NAME)
     if kd_temperature is not None and ctx.reference is None:
         raise PassError("kd_temperature is set but ctx.reference (the teacher) is None")
@@ -173,17 +158,8 @@ def _train(gm: fx.GraphModule, ctx: PassContext, data: Iterable, opts: Options) 
     record = fit(
         gm,
         lambda epoch: _split_epoch(data, needs_val, opts.val_fraction, opts.max_batches_per_epoch),
-        epochs=opts.epochs,
-        lr=opts.lr,
-        optimizer=opts.optimizer,
-        weight_decay=opts.weight_decay,
-        scheduler=opts.scheduler,
-        step_size=opts.step_size,
-        gamma=opts.gamma,
+        **{k: getattr(opts, k) for k in _FIT_OPTIONS},
         teacher=teacher,
-        kd_temperature=opts.kd_temperature,
-        kd_alpha=opts.kd_alpha,
-        patience=opts.patience,
         seed=ctx.seed,
         device=ctx.device,
         desc=NAME,
@@ -234,6 +210,11 @@ def _split_epoch(data: Iterable, needs_val: bool, val_fraction: float, max_batch
             "a list or a DataLoader, not a generator)"
         )
     return train, val
+
+
+# The options the training loop (fxslim.training.fit) takes under the same names.
+_FIT_OPTIONS = ("epochs", "lr", "optimizer", "weight_decay", "scheduler", "step_size", "gamma", "kd_temperature",
+                "kd_alpha", "patience")
 
 
 @dataclass(frozen=True)

@@ -35,20 +35,17 @@ import math
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxslim import linalg
 from fxslim.lowrank import (
     Factorisation,
     LayerKind,
-    LowRankOptions,
     bias_params,
-    factorise,
-    low_rank_schema,
+    low_rank_pass,
     proportional_rank,
 )
 from fxslim.options import Option
-from fxslim.pass_api import PassContext, PassResult
 
 NAME = "lowrank_conv"
 
@@ -245,54 +242,31 @@ def conv_skip_reason(module: nn.Module) -> str | None:
 
 CONV_LAYERS = LayerKind(NAME, CONV_METHODS, (nn.Conv1d, nn.Conv2d), conv_skip_reason)
 
-OPTIONS = low_rank_schema(
-    CONV_METHODS, Option("cp_iterations", int, "ALS sweeps per CP fit", range=">= 1")
+RUN_DOC = """method: "tucker" | "cp" | "tt" | "auto" (per layer, the cheapest in `objective` of those meeting the
+    similarity threshold).
+rank: None (search by similarity); an int rank index (Tucker: the larger of the two channel ranks,
+    the other scaled alike; CP: the rank; TT: the largest bond rank); a float in (0, 1]: that fraction
+    of each layer's nominal rank (max(Cin, Cout) for Tucker and CP, the largest full TT bond).
+similarity: per-layer mean cosine similarity of chain vs original output on the calibration set.
+objective: "flops" | "memory" | "latency" (onnxruntime, one thread, cached in fxslim.latency).
+search: "bisect" (on the similarity curve) or "step" (rank 1, 1 + step, ... as in the paper).
+calib_samples: calibration samples taken from ctx.data for the search.
+model_similarity: optional whole-model budget (cosine of the model outputs on the calibration set).
+cp_iterations: ALS sweeps per CP fit.
+dissimilarity_scale: method="auto" only; per method a factor in (0, 1] on its allowed 1 - similarity
+    (methods not named keep 1).
+candidates: method="auto" only; the methods the hybrid chooses from (default: all three). The LRF paper
+    lets users exclude methods this way, e.g. CP, the slowest to fit and the one that recovers least in
+    fine-tuning; an excluded method is never decomposed or searched.
+ignore: module names (targets) left alone.
+reconstruct: re-fit the last layer of every chain by least squares to the original layer's output, on
+    the first `calib_batches` batches of data (needs data).
+
+record: {"layers": [{node, target, method, ranks, similarity, params/macs before/after, ...}],
+"skipped": {target: reason}, "search_seconds": float, "layer_similarity": float}; with reconstruct
+also "reconstructed" (per chain: relative output error before/after the re-fit, or why it was skipped)
+and "reconstruct_seconds"."""
+
+OPTIONS, run = low_rank_pass(
+    CONV_LAYERS, "tucker", RUN_DOC, {Option("cp_iterations", int, "ALS sweeps per CP fit", range=">= 1"): 30}
 )
-
-
-@OPTIONS.checks
-def run(
-    gm: fx.GraphModule,
-    ctx: PassContext,
-    *,
-    method: str = "tucker",
-    rank: int | float | None = None,
-    similarity: float = 0.92,
-    objective: str = "flops",
-    search: str = "bisect",
-    step: int = 1,
-    calib_samples: int = 1000,
-    model_similarity: float | None = None,
-    cp_iterations: int = 30,
-    dissimilarity_scale: dict[str, float] | None = None,
-    candidates: list[str] | tuple[str, ...] | None = None,
-    ignore: list[str] | tuple[str, ...] = (),
-    reconstruct: bool = False,
-    calib_batches: int = 8,
-) -> PassResult:
-    """method: "tucker" | "cp" | "tt" | "auto" (per layer, the cheapest in `objective` of those meeting the
-        similarity threshold).
-    rank: None (search by similarity); an int rank index (Tucker: the larger of the two channel ranks,
-        the other scaled alike; CP: the rank; TT: the largest bond rank); a float in (0, 1]: that fraction
-        of each layer's nominal rank (max(Cin, Cout) for Tucker and CP, the largest full TT bond).
-    similarity: per-layer mean cosine similarity of chain vs original output on the calibration set.
-    objective: "flops" | "memory" | "latency" (onnxruntime, one thread, cached in fxslim.latency).
-    search: "bisect" (on the similarity curve) or "step" (rank 1, 1 + step, ... as in the paper).
-    calib_samples: calibration samples taken from ctx.data for the search.
-    model_similarity: optional whole-model budget (cosine of the model outputs on the calibration set).
-    cp_iterations: ALS sweeps per CP fit.
-    dissimilarity_scale: method="auto" only; per method a factor in (0, 1] on its allowed 1 - similarity
-        (methods not named keep 1).
-    candidates: method="auto" only; the methods the hybrid chooses from (default: all three). The LRF paper
-        lets users exclude methods this way, e.g. CP, the slowest to fit and the one that recovers least in
-        fine-tuning; an excluded method is never decomposed or searched.
-    ignore: module names (targets) left alone.
-    reconstruct: re-fit the last layer of every chain by least squares to the original layer's output, on
-        the first `calib_batches` batches of data (needs data).
-
-    record: {"layers": [{node, target, method, ranks, similarity, params/macs before/after, ...}],
-    "skipped": {target: reason}, "search_seconds": float, "layer_similarity": float}; with reconstruct
-    also "reconstructed" (per chain: relative output error before/after the re-fit, or why it was skipped)
-    and "reconstruct_seconds"."""
-    options = {k: v for k, v in locals().items() if k not in ("gm", "ctx")}
-    return factorise(gm, ctx, CONV_LAYERS, LowRankOptions.take(options))

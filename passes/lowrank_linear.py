@@ -13,11 +13,10 @@ import math
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxslim import linalg
-from fxslim.lowrank import Factorisation, LayerKind, LowRankOptions, factorise, low_rank_schema
-from fxslim.pass_api import PassContext, PassResult
+from fxslim.lowrank import Factorisation, LayerKind, low_rank_pass
 
 NAME = "lowrank_linear"
 
@@ -146,33 +145,11 @@ LINEAR_METHODS: dict[str, type[Factorisation]] = {"svd": SVDLinear, "qr": QRLine
 
 LINEAR_LAYERS = LayerKind(NAME, LINEAR_METHODS, (nn.Linear,), lambda m: None)
 
-OPTIONS = low_rank_schema(LINEAR_METHODS)
+RUN_DOC = """method: "svd" | "qr" | "tt" | "auto" (per layer, the cheapest in `objective` meeting the threshold).
+rank: None (search by similarity), an int rank, or a fraction in (0, 1] of min(in, out) (TT: of its
+    full bond rank min(o1·i1, o2·i2)).
+candidates: method="auto" only; the methods chosen from (default: "svd", "qr", "tt").
+The other options are those of `lowrank_conv` (reconstruct: the second Linear of an SVD/QR pair is re-fit;
+a TT chain is not a sequence of layers and is skipped with the reason). Record: as `lowrank_conv`'s."""
 
-
-@OPTIONS.checks
-def run(
-    gm: fx.GraphModule,
-    ctx: PassContext,
-    *,
-    method: str = "svd",
-    rank: int | float | None = None,
-    similarity: float = 0.92,
-    objective: str = "flops",
-    search: str = "bisect",
-    step: int = 1,
-    calib_samples: int = 1000,
-    model_similarity: float | None = None,
-    dissimilarity_scale: dict[str, float] | None = None,
-    candidates: list[str] | tuple[str, ...] | None = None,
-    ignore: list[str] | tuple[str, ...] = (),
-    reconstruct: bool = False,
-    calib_batches: int = 8,
-) -> PassResult:
-    """method: "svd" | "qr" | "tt" | "auto" (per layer, the cheapest in `objective` meeting the threshold).
-    rank: None (search by similarity), an int rank, or a fraction in (0, 1] of min(in, out) (TT: of its
-        full bond rank min(o1·i1, o2·i2)).
-    candidates: method="auto" only; the methods chosen from (default: "svd", "qr", "tt").
-    The other options are those of `lowrank_conv` (reconstruct: the second Linear of an SVD/QR pair is re-fit;
-    a TT chain is not a sequence of layers and is skipped with the reason). Record: as `lowrank_conv`'s."""
-    options = {k: v for k, v in locals().items() if k not in ("gm", "ctx")}
-    return factorise(gm, ctx, LINEAR_LAYERS, LowRankOptions.take(options))
+OPTIONS, run = low_rank_pass(LINEAR_LAYERS, "svd", RUN_DOC)

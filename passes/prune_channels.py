@@ -38,7 +38,15 @@ from fxslim.channel_counts import candidates, channel_units, quota, round_kept
 from fxslim.errors import PassError
 from fxslim.graph.deps import DependencyGraph, Group, analyze, dims_of
 from fxslim.importance import CRITERIA, atom_scores
-from fxslim.options import CALIB_BATCHES, Option, Requires, Schema, ignore_option
+from fxslim.options import (
+    CALIB_BATCHES,
+    RECONSTRUCT,
+    Option,
+    Requires,
+    Schema,
+    ignore_option,
+    reconstruct_needs_data,
+)
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.reconstruct import refit_after_pruning
 from fxslim.rewrite import ChannelPlan, apply_plan
@@ -60,7 +68,7 @@ OPTIONS = Schema(
     Option("max_ratio", float, "latency: the most any group may lose", range="[0, 1)", none=True),
     Option("latency_table", str, "latency: a JSON file the per-layer timings are cached in", none=True),
     Option("latency_check", bool, "latency: time the plan against the uniform cut and keep the faster"),
-    Option("reconstruct", bool, "least-squares re-fit of the layers that read pruned channels (needs data)"),
+    RECONSTRUCT,
     CALIB_BATCHES,
     rules=[
         Requires(lambda o: not (o["objective"] == "latency" and o["global_ranking"]),
@@ -70,7 +78,7 @@ OPTIONS = Schema(
                  "max_ratio, latency_table and latency_check apply to objective='latency' only"),
         Requires(lambda o: o["max_ratio"] is None or o["max_ratio"] >= o["ratio"], "max_ratio must be >= ratio"),
     ],
-    needs_data=lambda o: "reconstruct=True re-fits on data" if o["reconstruct"] else None,
+    needs_data=reconstruct_needs_data,
 )
 
 

@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -311,17 +312,13 @@ def _write_iq(out: np.ndarray, rows: slice, z: np.ndarray) -> None:
     out[rows, 1] = z.imag
 
 
-def generate_parts(
-    n_per_class_snr: int,
-    length: int = 128,
-    snrs: Iterable[int] = SNRS,
-    seed: int = 0,
-    sps: int = 8,
-    channel: Channel = Channel(),  # noqa: B008 (frozen dataclass: an immutable default)
-) -> AMRParts:
-    """`generate` (same frames, bit for bit), also returning each frame's signal and noise parts scaled
-    like the frame, so that its SNR can be measured: 10·log10(mean|signal|² / mean|noise|²) is its label."""
-    return _synthesise(n_per_class_snr, length, snrs, seed, sps, channel, parts=True)
+def generate_parts(n_per_class_snr: int, **settings: Any) -> AMRParts:
+    """`generate` (same frames, bit for bit; `settings` are its length, snrs, seed, sps and channel), also
+    returning each frame's signal and noise parts scaled like the frame, so that its SNR can be measured:
+    10·log10(mean|signal|² / mean|noise|²) is its label."""
+    bound = inspect.signature(generate).bind(n_per_class_snr, **settings)
+    bound.apply_defaults()
+    return _synthesise(*bound.arguments.values(), parts=True)
 
 
 def generate(

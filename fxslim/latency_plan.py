@@ -39,6 +39,7 @@ from fxslim.channel_counts import candidates, quota, round_kept
 from fxslim.errors import ExportError, PassError
 from fxslim.graph.cost import annotate
 from fxslim.graph.deps import DependencyGraph, Group, dims_of
+from fxslim.graph.shape import out_shape
 from fxslim.latency import LatencyTable, default_table, latency_key, module_latency
 from fxslim.latency_ops import op_nodes, op_seconds
 from fxslim.modules import SlimMultiheadAttention
@@ -259,11 +260,6 @@ def _op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     return str(getattr(node.target, "__name__", node.target))
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
-
-
 def _layer_spec(gm: fx.GraphModule, node: fx.Node, params: dict):
     """For a measurable layer: (build(sizes of weight dims 0, 1) -> (module, input shape, relative MACs),
     [ids of weight dim 0, ids of weight dim 1] (None: not tied to channels), [their sizes]); None for any
@@ -271,7 +267,7 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node, params: dict):
     if node.op != "call_module" or not node.args:
         return None
     mod = gm.get_submodule(node.target)
-    shape = _shape(node.args[0])
+    shape = out_shape(node.args[0])
     if shape is None:
         return None
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and isinstance(mod.padding, (tuple, int)):

@@ -49,7 +49,7 @@ class CountingData:
 )
 def test_a_bad_value_in_the_last_pass_fails_before_the_first_fine_tune(last, match) -> None:
     data = CountingData()
-    recipe = ["prune_channels", {"pass": "finetune", "epochs": 3}, last]
+    recipe = [{"pass": "finetune", "epochs": 3}, "prune_channels", last]
     t0 = time.perf_counter()
     with pytest.raises(RecipeError, match=match):
         fxslim.compress(Net(), (torch.randn(1, 3, 8, 8),), recipe, data=data)

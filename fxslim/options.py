@@ -57,6 +57,7 @@ class Interval:
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                list: "a list", dict: "a table"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -109,7 +110,7 @@ class Option:
         elif self.interval is not None:
             text = f"{_TYPE_NAMES[self.type]} {self.interval.describe()}"
         elif self.items is not None:
-            text = f"a list of {_TYPE_NAMES[self.items]}s".replace("a strings", "strings")
+            text = f"a list of {_PLURALS[self.items]}"
         else:
             text = _TYPE_NAMES[self.type]
         return f"None or {text}" if self.none else text
@@ -117,7 +118,7 @@ class Option:
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value` for this option, or None when it is valid."""
         if value is None:
-            return None if self.none else "must not be None"
+            return None if self.none else " must not be None"
         if self.choices is not None:
             if value not in self.choices or isinstance(value, bool) != (self.type is bool):
                 return "; valid: " + ", ".join(map(str, self.choices))

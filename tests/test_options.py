@@ -81,6 +81,7 @@ def test_types_ranges_choices_rules_and_former_names() -> None:
         ({"scheduler": "linear"}, r"scheduler='linear'; valid: step, cosine, plateau"),
         ({"patience": 0}, r"patience=0 must be None or an integer >= 1"),
         ({"epoch": 3}, r"no option 'epoch'; valid options: epochs, lr"),
+        ({"lr": None}, r"lr=None must not be None"),
     ]:
         with pytest.raises(RecipeError, match=match):
             schema.check(bad)

@@ -51,6 +51,15 @@ def test_image_links_are_relative_to_the_page():
     assert bench_io.md_link("runs/x/a.png", "runs/x/a.md") == "a.png"
 
 
+def test_a_saved_chart_makes_its_folder_and_is_closed(tmp_path):
+    plt = bench_io.pyplot()
+    fig, _ = plt.subplots()
+    path = tmp_path / "new" / "chart.png"
+    assert bench_io.save_figure(fig, path, dpi=50) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # a run drawing many charts does not keep them all in memory
+
+
 def _fcos_figures() -> dict:
     rows = [
         {

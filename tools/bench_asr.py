@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import fx
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench_io import pyplot, save_figure  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.pass_api import PassContext  # noqa: E402
 from fxslim.passes import asr, bn_recalibrate, magnitude_prune  # noqa: E402
 from fxslim.zoo.models import build  # noqa: E402
-from fxslim.zoo.train import TrainConfig, evaluate, train_baseline  # noqa: E402
+from fxslim.zoo.train import TrainConfig, Trained, evaluate, train_baseline  # noqa: E402
 
 CONFIG = TrainConfig(epochs=20, patience=5)  # the settings of tools/train.py: its checkpoints are reused
 MODELS = {  # name -> (zoo model, model kwargs, dataset)
@@ -84,18 +87,27 @@ def repair(pruned, ctx: PassContext, method: dict | str):
     return asr.run(pruned, ctx, calib_samples=SAMPLES, **method).module
 
 
-def run_model(key: str, seeds: list[int], sparsities: list[str], amr_n: int, bar: tqdm) -> tuple[list, dict]:
+def data_kwargs(key: str, amr_n: int) -> dict:
+    """The dataset options of model `key`: the AMR set's frames per (class, SNR); the digits take none."""
+    return {"n_per_class_snr": amr_n} if MODELS[key][2] == "amr" else {}
+
+
+def traced_baseline(key: str, amr_n: int) -> tuple[Trained, torch.Tensor, fx.GraphModule]:
+    """Model `key` trained on its dataset (or read from the cache), two test inputs, and the model traced on them."""
     name, kwargs, data = MODELS[key]
-    data_kwargs = {"n_per_class_snr": amr_n} if data == "amr" else {}
-    trained = train_baseline(name, data, model_kwargs=kwargs, data_kwargs=data_kwargs, config=CONFIG)
+    trained = train_baseline(name, data, model_kwargs=kwargs, data_kwargs=data_kwargs(key, amr_n), config=CONFIG)
+    example = trained.dataset.example(2)
+    return trained, example, fxslim.trace(trained.model, (example,))
+
+
+def run_model(key: str, seeds: list[int], sparsities: list[str], amr_n: int, bar: tqdm) -> tuple[list, dict]:
+    trained, example, gm = traced_baseline(key, amr_n)
     ds = trained.dataset
-    example = ds.example(2)
-    gm = fxslim.trace(trained.model, (example,))
     dense_acc = evaluate(gm, ds)["accuracy"]
     info = {
         "model": key,
-        "dataset": data,
-        "data_kwargs": data_kwargs,
+        "dataset": MODELS[key][2],
+        "data_kwargs": data_kwargs(key, amr_n),
         "dense_accuracy": dense_acc,
         "test_samples": int(sum(len(b[1]) for b in ds.test)),
         "train_cached": trained.cached,
@@ -183,17 +195,10 @@ def time_asr(repeats: int = 1) -> dict:
 def variance_plot(key: str, amr_n: int, seed: int, sparsity: str, points: tuple[str, str], path: Path) -> None:
     """Per-channel variance at a conv's output and at its BN's output (test inputs): dense, pruned, and each
     repair (one calibration seed)."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name, kwargs, data = MODELS[key]
-    data_kwargs = {"n_per_class_snr": amr_n} if data == "amr" else {}
-    trained = train_baseline(name, data, model_kwargs=kwargs, data_kwargs=data_kwargs, config=CONFIG)
+    trained, example, gm = traced_baseline(key, amr_n)
     ds = trained.dataset
-    example = ds.example(2)
-    gm = fxslim.trace(trained.model, (example,))
     ctx = PassContext((example,), data=calibration(ds, seed), seed=seed, reference=gm)
     pruned = prune(gm, ctx, sparsity).module
     variants = {
@@ -217,10 +222,7 @@ def variance_plot(key: str, amr_n: int, seed: int, sparsity: str, points: tuple[
         ax.set_ylabel("variance over test inputs")
         ax.set_title(f"{key} {sparsity} sparsity: {point} output", fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _variance_at(model, module: str, x: torch.Tensor) -> np.ndarray:

@@ -51,7 +51,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_io import md_link, run_path, write_outputs  # noqa: E402
+from bench_io import md_link, pyplot, run_path, save_figure, write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import export_report, ort_latency  # noqa: E402
@@ -579,10 +579,7 @@ def _fmt(v) -> str:
 
 
 def plot_rows(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for group, marker in (
@@ -602,11 +599,7 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("test accuracy on rotated digits (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown(figures: dict, plot: Path, md_path: str) -> str:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_io import run_path, write_outputs  # noqa: E402
+from bench_io import pyplot, run_path, save_figure, write_outputs  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -319,10 +319,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot_accuracy_vs_macs(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
@@ -338,19 +335,12 @@ def plot_accuracy_vs_macs(rows: list[dict], path: Path) -> Path:
         ax.set_title(f"{model}, synthetic AMR")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_probes(probes: list[dict], path: Path) -> Path:
     """LaCD's linear-probe accuracy at each candidate block (after the short fine-tune), dropped blocks marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(p["model"] for p in probes))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
@@ -365,11 +355,7 @@ def plot_probes(probes: list[dict], path: Path) -> Path:
         ax.set_title(f"{model}: LaCD probes (x = dropped)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown(fig: dict, plots: tuple[Path, ...], md_path: str) -> str:

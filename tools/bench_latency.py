@@ -41,7 +41,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from bench_io import md_link, run_path  # noqa: E402
+from bench_io import md_link, pyplot, run_path, save_figure  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -285,10 +285,7 @@ def summary(records: list[dict]) -> dict:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["model"] for r in records]
     variants = [v for v in [*VARIANTS, PEER] if any(v in r["variants"] for r in records)]
@@ -302,10 +299,7 @@ def plot(records: list[dict], path: Path) -> None:
     ax.set_ylabel("speed per MAC (MAC ratio / ORT time ratio)")
     ax.set_title(f"Pruning {RATIO:.0%} of channels: does time fall as MACs do? (dashed: 0.9)", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_markdown(path: Path, records: list[dict], s: dict, argv: list[str], wall: float, plot_path) -> None:

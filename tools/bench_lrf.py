@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from bench_io import md_link, run_path  # noqa: E402
+from bench_io import md_link, pyplot, run_path, save_figure  # noqa: E402
 
 import fxslim  # noqa: E402
 from fxslim.export import ort_latency  # noqa: E402
@@ -413,11 +413,9 @@ def detail_table(results: list[dict]) -> str:
 
 
 def plot_methods(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    plt = pyplot()
 
     hybrids = [h for h in HYBRIDS if any(h in res["hybrid_layers"] for res in results)]
     size = (4.2 * len(results), 4.5 * len(hybrids))
@@ -437,17 +435,11 @@ def plot_methods(results: list[dict], path: Path) -> None:
             ax.set_title(f"{res['model']}: {hybrid} per conv", fontsize=9)
     handles = [Patch(color=c, label=m) for m, c in METHOD_COLORS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, rect=(0, 0.03, 1, 1))
 
 
 def plot_curves(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.4 * len(results), 4.0), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
@@ -471,10 +463,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
         ax.set_ylim(max(min(accs) - 1, 100 * base["accuracy"] - 15), max(accs + [100 * base["accuracy"]]) + 0.5)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def targets(results: list[dict], equal_rows: list[dict]) -> list[str]:

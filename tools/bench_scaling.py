@@ -21,6 +21,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from bench_io import pyplot, save_figure  # noqa: E402
+
 import fxslim  # noqa: E402
 from fxslim.pass_api import PassContext  # noqa: E402
 from fxslim.passes import prune_channels  # noqa: E402
@@ -50,10 +52,7 @@ def measure(name: str, repeats: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     n = [r["nodes"] for r in rows]
@@ -68,10 +67,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("seconds (one thread)")
     ax.set_title("fxslim analysis and pruning time vs graph size")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

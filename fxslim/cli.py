@@ -126,9 +126,11 @@ def load_data(spec: str | None):
 # -------------------------------------------------------------------------------------------- commands
 def cmd_compress(args: argparse.Namespace) -> int:
     import fxslim
+    from fxslim.recipe import load_recipe
 
-    model = load_model(args.model, args.checkpoint)
     recipe = resolve_recipe(args.recipe)
+    load_recipe(recipe)  # every option checked before the model and the data are loaded
+    model = load_model(args.model, args.checkpoint)
     x = example_input(args.input_shape, args.seed)
     res = fxslim.compress(model, (x,), recipe, data=load_data(args.data), dump_dir=args.dump_dir, seed=args.seed)
     print(res.summary())

@@ -154,6 +154,13 @@ def low_rank_pass(kind: LayerKind, method: str, doc: str, own: dict[Option, Any]
     return schema, schema.checks(run)
 
 
+def _has_layers(gm: nn.Module, kind: LayerKind, options: Mapping) -> bool:
+    """Whether `gm` has a layer the pass would factorise (of its types, not ignored): the rank search's data
+    is needed only then."""
+    ignored = set(options["ignore"] or ())
+    return any(isinstance(m, kind.layer_types) and name not in ignored for name, m in gm.named_modules())
+
+
 def _low_rank_schema(kind: LayerKind, *own: Option) -> Schema:
     """The schema of a low-rank pass over `kind`'s methods (plus "auto"), with the pass's `own` options."""
     methods = tuple(kind.methods)
@@ -199,12 +206,12 @@ def _low_rank_schema(kind: LayerKind, *own: Option) -> Schema:
             Requires(lambda o: o["method"] != "auto" or o["rank"] is None,
                      "method='auto' chooses by similarity; set rank=None"),
             Requires(lambda o: o["method"] == "auto" or not o["dissimilarity_scale"],
-                     "dissimilarity_scale only applies to method='auto'"),
+                     lambda o: f"dissimilarity_scale only applies to method='auto', not {o['method']!r}"),
             Requires(lambda o: o["method"] == "auto" or o["candidates"] is None,
-                     "candidates only applies to method='auto'"),
+                     lambda o: f"candidates only applies to method='auto', not {o['method']!r}"),
         ],
-        needs_data=lambda o: ("rank=None searches ranks on data" if o["rank"] is None
-                              else "reconstruct=True re-fits on data" if o["reconstruct"] else None),
+        needs_data=lambda o, gm: ("rank=None searches ranks on data" if o["rank"] is None and _has_layers(gm, kind, o)
+                                  else "reconstruct=True re-fits on data" if o["reconstruct"] else None),
         name=kind.pass_name,
     )
 

@@ -92,8 +92,9 @@ def _mac_rule(target, macs) -> Callable:
 
 def is_latency_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `register_op(..., latency="op")` declared the op `node` calls."""
-    if node.op == "call_module":
-        return any(t in LATENCY_OPS for t in type(gm.get_submodule(node.target)).__mro__)
+    if node.op == "call_module":  # a subclass counts only while it keeps the registered type's forward (rule_for)
+        kind = type(gm.get_submodule(node.target))
+        return any(t in LATENCY_OPS and kind.forward is t.forward for t in kind.__mro__)
     if node.op in ("call_function", "call_method"):
         try:
             return node.target in LATENCY_OPS

@@ -67,7 +67,7 @@ def _is(value: Any, kind: type) -> bool:
     if isinstance(value, bool):
         return False
     if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
+        return isinstance(value, (int, float)) and not math.isnan(value)
     if kind is list:
         return isinstance(value, (list, tuple))
     return isinstance(value, kind)
@@ -115,6 +115,14 @@ class Option:
             text = _TYPE_NAMES[self.type]
         return f"None or {text}" if self.none else text
 
+    def coerce(self, value: Any) -> Any:
+        """A list of module names also takes one name; a list option takes a set (sorted); other values stay."""
+        if self.graph and isinstance(value, str):
+            return [value]
+        if self.type is list and isinstance(value, (set, frozenset)):
+            return sorted(value)
+        return value
+
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value` for this option, or None when it is valid."""
         if value is None:
@@ -134,12 +142,18 @@ class Option:
         return None
 
 
+def finite(value: float) -> str | None:
+    """An Option `check` for numbers that must not be infinite."""
+    return None if math.isfinite(value) else "must be finite"
+
+
 @dataclass(frozen=True)
 class Requires:
-    """A rule across options: `holds(options)` must be true, else `message` (options are the merged values)."""
+    """A rule across options: `holds(options)` must be true, else `message` (options are the merged values;
+    a message may be a function of them, to show the values)."""
 
     holds: Callable[[Mapping[str, Any]], bool]
-    message: str
+    message: str | Callable[[Mapping[str, Any]], str]
 
 
 class Schema:
@@ -149,12 +163,12 @@ class Schema:
         self,
         *options: Option,
         rules: Iterable[Requires] = (),
-        needs_data: Callable[[Mapping[str, Any]], str | None] | None = None,
+        needs_data: Callable[[Mapping[str, Any], Any], str | None] | None = None,
         name: str | None = None,
     ) -> None:
         self.options = {o.name: o for o in options}
         self.rules = tuple(rules)
-        self.needs_data = needs_data  # options -> why data is needed (None: not needed)
+        self.needs_data = needs_data  # (options, traced model) -> why data is needed (None: not needed)
         self.aliases = {a: o.name for o in options for a in o.aliases}
         self.defaults: dict[str, Any] = {}
         self.pass_name = name or ""  # else the NAME of the module that defines the decorated run
@@ -177,7 +191,7 @@ class Schema:
         def checked(gm, ctx, **options):
             try:
                 options = self.check(options)
-                self.check_graph(options, _module_names(gm), ctx.data is not None)
+                self.check_graph(options, gm, ctx.data is not None)
                 return run(gm, ctx, **options)
             except FxslimError as exc:
                 exc.pass_name = exc.pass_name or self.pass_name
@@ -192,41 +206,49 @@ class Schema:
         renamed: dict[str, Any] = {}
         for key, value in options.items():
             name = self.aliases.get(key, key)
-            if name != key:
-                warnings.warn(f"pass {self.pass_name!r}: option {key!r} is now called {name!r}", DeprecationWarning,
+            if name != key:  # a FutureWarning: shown by default, to recipe files and CLI users too
+                warnings.warn(f"pass {self.pass_name!r}: option {key!r} is now called {name!r}", FutureWarning,
                               stacklevel=3)
             if name not in self.options:
                 raise fail(f"no option {key!r}; valid options: {', '.join(self.options) or '(none)'}")
             if name in renamed:
                 raise fail(f"option {name!r} is given twice (as {key!r} and under another name)")
-            renamed[name] = value
+            renamed[name] = self.options[name].coerce(value)
         for name, value in renamed.items():
             if why := self.options[name].problem(value):
                 raise fail(f"{name}={value!r}{why}")
         merged = {**self.defaults, **renamed}
         for rule in self.rules:
             if not rule.holds(merged):
-                raise fail(rule.message)
+                raise fail(rule.message(merged) if callable(rule.message) else rule.message)
         return renamed
 
-    def check_graph(self, options: Mapping[str, Any], modules: tuple[set[str], set[str]], has_data: bool) -> None:
-        """Checks that need the traced model: names exist (`modules`: module names, node names), data is
-        there when the options need it."""
+    def check_graph(self, options: Mapping[str, Any], gm, has_data: bool, *, exact: bool = True) -> None:
+        """Checks that need the model: the names an option lists exist, data is there when the options need
+        it. `exact=False` (a recipe checked before an earlier pass has run) also accepts a name inside an
+        existing module: a pass may replace a layer by a chain whose parts it names (`conv1` -> `conv1.0`)."""
         merged = {**self.defaults, **options}
+        modules, nodes = _module_names(gm)
         for name, option in self.options.items():
             if option.graph and merged[name]:
-                known = modules[0] if option.graph == "modules" else modules[0] | modules[1]
-                unknown = sorted(set(merged[name]) - known)
+                known = modules if option.graph == "modules" else modules | nodes
+                unknown = sorted(n for n in merged[name] if n not in known and (exact or not _under(n, modules)))
                 if unknown:
                     raise RecipeError(f"{name} names modules the model does not have: {unknown}",
                                       pass_name=self.pass_name)
-        if not has_data and self.needs_data is not None and (why := self.needs_data(merged)):
+        if not has_data and self.needs_data is not None and (why := self.needs_data(merged, gm)):
             raise PassError(f"needs data= ({why}): an iterable of (x, y) batches (e.g. a DataLoader)",
                             pass_name=self.pass_name)
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """(name, default, valid values, help) per option, in signature order."""
         return [(n, repr(self.defaults[n]), self.options[n].describe(), self.options[n].help) for n in self.defaults]
+
+
+def _under(name: str, modules: set[str]) -> bool:
+    """Whether a dotted prefix of `name` is one of `modules`."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
 def _module_names(gm) -> tuple[set[str], set[str]]:
@@ -243,10 +265,10 @@ def schema_of(pass_module) -> Schema:
 
 
 def check_graph(specs: Iterable, gm, has_data: bool, registry: Mapping) -> None:
-    """Run every pass's graph checks on the traced model before the first pass starts."""
-    modules = _module_names(gm)
-    for spec in specs:
-        schema_of(registry[spec.name]).check_graph(spec.options, modules, has_data)
+    """Run every pass's graph checks on the traced model before the first pass starts (the first pass's names
+    exactly; later passes' names may also lie inside a module an earlier pass can replace)."""
+    for i, spec in enumerate(specs):
+        schema_of(registry[spec.name]).check_graph(spec.options, gm, has_data, exact=i == 0)
 
 
 # Options several passes share: one name, one meaning, one check.
@@ -258,7 +280,7 @@ CALIB_BATCHES = Option("calib_batches", int, "calibration batches read from the 
 RECONSTRUCT = Option("reconstruct", bool, "least-squares re-fit of the layers after the change (needs data)")
 
 
-def reconstruct_needs_data(options: Mapping[str, Any]) -> str | None:
+def reconstruct_needs_data(options: Mapping[str, Any], gm: Any = None) -> str | None:
     """`needs_data` of a pass whose only use of data is `reconstruct=True`."""
     return "reconstruct=True re-fits on data" if options["reconstruct"] else None
 

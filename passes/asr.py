@@ -69,7 +69,7 @@ OPTIONS = Schema(
     Option("recalibrate_bn", bool, "re-estimate the BatchNorm statistics on the calibration batches"),
     Option("fold", bool, "fold each correction into its layer or BN; false: keep a ChannelAffine op"),
     ignore_option("conv/linear module names left as they are"),
-    needs_data=lambda o: "the calibration samples",
+    needs_data=lambda o, gm: "the calibration samples",
 )
 
 

@@ -22,7 +22,7 @@ from torch import fx
 from fxslim import symmetry
 from fxslim.errors import PassError
 from fxslim.module_state import device_of
-from fxslim.options import Option, Schema
+from fxslim.options import Option, Schema, finite
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.training import OPTIMIZERS, SCHEDULERS, evaluate_accuracy, fit, fit_record_empty
 
@@ -56,15 +56,15 @@ COSINE_ADAPTIVE = {
 
 OPTIONS = Schema(
     Option("epochs", int, "passes over the training batches (an upper bound with patience)", range=">= 0"),
-    Option("lr", float, "learning rate", range=">= 0"),
+    Option("lr", float, "learning rate", range=">= 0", check=finite),
     Option("optimizer", str, "adam, or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS),
-    Option("weight_decay", float, "L2 penalty handed to the optimizer", range=">= 0"),
+    Option("weight_decay", float, "L2 penalty handed to the optimizer", range=">= 0", check=finite),
     Option("scheduler", str, "LR schedule: step (StepLR), cosine, plateau (ReduceLROnPlateau); None: constant",
            choices=tuple(s for s in SCHEDULERS if s), none=True),
     Option("step_size", int, "epochs between LR decays of the step scheduler", range=">= 1"),
     Option("gamma", float, "LR decay factor of the step scheduler", range="(0, 1]"),
     Option("kd_temperature", float, "distil from the untouched model at this temperature; None: labels only",
-           range="> 0", none=True),
+           range="> 0", none=True, check=finite),
     Option("kd_alpha", float, "weight of the distillation term", range="[0, 1]"),
     Option("patience", int, "early stopping after this many epochs without a better val accuracy; None: off",
            range=">= 1", none=True),
@@ -74,7 +74,7 @@ OPTIONS = Schema(
     Option("adaptive", bool, "train only when the accuracy drop against the untouched model exceeds min_drop"),
     Option("min_drop", float, "the accuracy drop (0.02 = 2 points) that triggers training when adaptive",
            range="[0, 1)"),
-    needs_data=lambda o: "the training batches",
+    needs_data=lambda o, gm: "the training batches",
 )
 
 

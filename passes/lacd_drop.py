@@ -46,7 +46,7 @@ OPTIONS = Schema(
     calib_samples_option("calibration samples for the probes (70% fit, 30% scored)", minimum=20,
                          aliases=("probe_samples",)),
     Option("plain", bool, "also consider plain conv blocks (else residual blocks only)"),
-    needs_data=lambda o: "the probes' labelled samples",
+    needs_data=lambda o, gm: "the probes' labelled samples",
 )
 
 

@@ -52,7 +52,8 @@ OPTIONS = Schema(
     Option("scope", str, "global (one ranking over all layers) or layer (each layer alike); unstructured only",
            choices=SCOPES),
     ignore_option("module names left dense (e.g. the first conv or the classifier)"),
-    rules=[Requires(_sparsity_fits, "sparsity contradicts the N:M pattern (which fixes it to 1 - N/M); leave it out")],
+    rules=[Requires(_sparsity_fits, lambda o: f"sparsity={o['sparsity']!r} contradicts pattern {o['pattern']} "
+                    f"(which means 1 - N/M); leave sparsity out")],
 )
 
 

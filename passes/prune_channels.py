@@ -76,7 +76,8 @@ OPTIONS = Schema(
         Requires(lambda o: o["objective"] == "latency" or (o["max_ratio"] is None and o["latency_table"] is None
                                                            and not o["latency_check"]),
                  "max_ratio, latency_table and latency_check apply to objective='latency' only"),
-        Requires(lambda o: o["max_ratio"] is None or o["max_ratio"] >= o["ratio"], "max_ratio must be >= ratio"),
+        Requires(lambda o: o["max_ratio"] is None or o["max_ratio"] >= o["ratio"],
+                 lambda o: f"max_ratio={o['max_ratio']!r} must be in [ratio, 1) = [{o['ratio']}, 1)"),
     ],
     needs_data=reconstruct_needs_data,
 )

@@ -45,7 +45,7 @@ OPTIONS = Schema(
     Option("max_drop", float, "fail when INT8 accuracy is lower than fp32 by more than this; None: report",
            range="[0, 1]", none=True),
     rules=[Requires(lambda o: not o["fp32_modules"] or o["backend"] == "ort_static",
-                    "fp32_modules applies to backend='ort_static' only")],
+                    lambda o: f"fp32_modules applies to backend='ort_static' only, not {o['backend']!r}")],
 )
 
 

@@ -91,10 +91,10 @@ def test_types_ranges_choices_rules_and_former_names() -> None:
         load_recipe([{"pass": "fcos_fuse", "threshold": 0.2}])
     assert load_recipe([{"pass": "fcos_fuse", "epsilon": None, "threshold": 0.2}])[0].options["threshold"] == 0.2
     # a former name is renamed, with a warning
-    with pytest.warns(DeprecationWarning, match="'batches' is now called 'calib_batches'"):
+    with pytest.warns(FutureWarning, match="'batches' is now called 'calib_batches'"):
         spec = load_recipe([{"pass": "bn_recalibrate", "batches": 4}])[0]
     assert spec.options == {"calib_batches": 4}
-    with pytest.raises(RecipeError, match="given twice"), pytest.warns(DeprecationWarning):
+    with pytest.raises(RecipeError, match="given twice"), pytest.warns(FutureWarning):
         load_recipe([{"pass": "bn_recalibrate", "batches": 4, "calib_batches": 4}])
 
 
@@ -139,3 +139,49 @@ def test_cli_passes_prints_each_option_with_its_range(capsys) -> None:
     assert "ratio = 0.5   [a number in [0, 1)]" in out
     assert "method = 'tucker'   [one of tucker, cp, tt, auto]" in out
     assert "calib_batches = 32   [an integer >= 1]" in out
+
+
+def test_names_a_later_pass_lists_may_lie_inside_a_module_an_earlier_pass_replaces() -> None:
+    x = (torch.randn(1, 3, 8, 8),)
+    # lowrank_conv turns conv into the chain conv.0, conv.1, conv.2: a later pass may name its parts
+    res = fxslim.compress(Net().eval(), x, [{"pass": "lowrank_conv", "rank": 0.5},
+                                            {"pass": "magnitude_prune", "sparsity": 0.5, "ignore": ["conv.0"]}])
+    layers = res.report[1].details["layers"]
+    assert layers.keys() >= {"conv.1", "conv.2"} and "conv.0" not in layers
+    with pytest.raises(RecipeError, match=r"ignore names modules the model does not have: \['conv.0'\]"):
+        fxslim.compress(Net().eval(), x, [{"pass": "magnitude_prune", "ignore": ["conv.0"]}])  # the first pass: exact
+    with pytest.raises(RecipeError, match=r"\['nope.0'\]"):
+        fxslim.compress(Net().eval(), x, ["fold_bn", {"pass": "magnitude_prune", "ignore": ["nope.0"]}])
+
+
+def test_list_options_take_one_string_or_a_set_and_data_is_needed_only_when_used() -> None:
+    assert pass_schema("quantize").check({"fp32_modules": "conv"}) == {"fp32_modules": ["conv"]}
+    assert pass_schema("prune_channels").check({"ignore": {"fc", "conv"}}) == {"ignore": ["conv", "fc"]}
+    # a rank search needs data only when there is a layer to factorise
+    res = fxslim.compress(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), (torch.randn(1, 3, 8, 8),), ["lowrank_linear"])
+    assert not res.report[0].changed
+    with pytest.raises(PassError, match=r"pass 'lowrank_conv': needs data= \(rank=None searches ranks"):
+        fxslim.compress(Net().eval(), (torch.randn(1, 3, 8, 8),), ["lowrank_conv"])
+
+
+def test_cross_option_errors_show_the_values() -> None:
+    with pytest.raises(RecipeError, match=r"sparsity=0.3 contradicts pattern 2:4"):
+        load_recipe([{"pass": "magnitude_prune", "sparsity": 0.3, "pattern": "2:4"}])
+    with pytest.raises(RecipeError, match=r"max_ratio=0.2 must be in \[ratio, 1\) = \[0.5, 1\)"):
+        load_recipe([{"pass": "prune_channels", "objective": "latency", "max_ratio": 0.2}])
+    with pytest.raises(RecipeError, match=r"candidates only applies to method='auto', not 'tucker'"):
+        load_recipe([{"pass": "lowrank_conv", "candidates": ["cp"]}])
+
+
+def test_the_cli_checks_the_recipe_before_loading_the_model_or_the_data(tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "slow_job.py").write_text(
+        "def model():\n    raise AssertionError('model loaded before the recipe was checked')\n"
+        "def data():\n    raise AssertionError('data loaded before the recipe was checked')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[[pass]]\npass = "finetune"\n\n[[pass]]\npass = "lowrank_conv"\nmethod = "bogus"\n')
+    code = main(["compress", "--model", "slow_job:model", "--input-shape", "1,3,8,8", "--recipe", str(recipe),
+                 "--data", "slow_job:data"])
+    assert code == 2
+    assert "pass 'lowrank_conv': method='bogus'; valid: tucker, cp, tt, auto" in capsys.readouterr().err

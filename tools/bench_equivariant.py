@@ -392,7 +392,7 @@ def zoo_int8_trained(budget: float, seed: int, names: tuple[str, ...] = AMR_INT8
         res = fxslim.compress(
             trained.model,
             (x1,),
-            [{"pass": "quantize", "backend": "ort_static", "calibration_batches": 8, "eval_batches": len(ds.test)}],
+            [{"pass": "quantize", "backend": "ort_static", "calib_batches": 8, "eval_batches": len(ds.test)}],
             data=ds.train[:8] + ds.test,  # calibrate on the first 8 batches, score on the last len(test): the test set
             seed=seed,
         )

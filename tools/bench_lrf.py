@@ -114,7 +114,7 @@ def recalibrated(module: torch.nn.Module, ctx: PassContext, args) -> torch.nn.Mo
     peer, which has no re-fit, always gets it."""
     if not args.bn_batches:
         return module
-    return bn_recalibrate.run(module, ctx, batches=args.bn_batches).module
+    return bn_recalibrate.run(module, ctx, calib_batches=args.bn_batches).module
 
 
 def tltorch_at(model: torch.nn.Module, tucker_record: dict) -> torch.nn.Module | None:

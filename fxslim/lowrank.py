@@ -149,7 +149,7 @@ def low_rank_pass(kind: LayerKind, method: str, doc: str, own: dict[Option, Any]
         + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()],
         return_annotation=PassResult,
     )
-    run.__doc__ = doc
+    run.__doc__, run.__qualname__, run.__module__ = doc, "run", f"fxslim.passes.{kind.pass_name}"
     schema = _low_rank_schema(kind, *own)
     return schema, schema.checks(run)
 

@@ -26,7 +26,15 @@ from fxslim.errors import PassError
 from fxslim.graph.clone import clone_gm
 from fxslim.graph.shape import propagate
 from fxslim.module_state import eval_mode
-from fxslim.options import CALIB_BATCHES, Option, Requires, Schema, calib_samples_option, ignore_option
+from fxslim.options import (
+    CALIB_BATCHES,
+    Option,
+    Requires,
+    Schema,
+    calib_samples_option,
+    ignore_option,
+    reconstruct_needs_data,
+)
 from fxslim.pass_api import PassContext, PassResult
 from fxslim.reconstruct import refit_outputs_
 from fxslim.rewrite import replace_modules
@@ -154,11 +162,15 @@ def low_rank_pass(kind: LayerKind, method: str, doc: str, own: dict[Option, Any]
     return schema, schema.checks(run)
 
 
-def _has_layers(gm: nn.Module, kind: LayerKind, options: Mapping) -> bool:
-    """Whether `gm` has a layer the pass would factorise (of its types, not ignored): the rank search's data
-    is needed only then."""
+def _has_layers(gm: fx.GraphModule, kind: LayerKind, options: Mapping) -> bool:
+    """Whether `gm` calls a layer the pass would consider (of its types, not ignored by module or node name, as
+    `_layers` reads `ignore`): the rank search's data is needed only then."""
     ignored = set(options["ignore"] or ())
-    return any(isinstance(m, kind.layer_types) and name not in ignored for name, m in gm.named_modules())
+    return any(
+        n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind.layer_types)
+        and n.target not in ignored and n.name not in ignored
+        for n in gm.graph.nodes
+    )
 
 
 def _low_rank_schema(kind: LayerKind, *own: Option) -> Schema:
@@ -211,7 +223,7 @@ def _low_rank_schema(kind: LayerKind, *own: Option) -> Schema:
                      lambda o: f"candidates only applies to method='auto', not {o['method']!r}"),
         ],
         needs_data=lambda o, gm: ("rank=None searches ranks on data" if o["rank"] is None and _has_layers(gm, kind, o)
-                                  else "reconstruct=True re-fits on data" if o["reconstruct"] else None),
+                                  else reconstruct_needs_data(o)),
         name=kind.pass_name,
     )
 

@@ -82,7 +82,7 @@ class Option:
     check: a test the value must also pass, returning what is wrong with it (or None); `valid` then says in
     words what is valid. graph: "modules" when the value is a list of module names of the traced model,
     "nodes" when node names are accepted too.
-    aliases: former names, accepted with a DeprecationWarning."""
+    aliases: former names, accepted with a FutureWarning."""
 
     name: str
     type: type

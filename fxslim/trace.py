@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from torch import fx, nn
@@ -38,7 +37,7 @@ class TraceAdapter(Protocol):
         """Swap, in `root` (a copy), what fx cannot read for traceable stand-ins; per stand-in module id, what
         `wrap` needs to rebuild its output's wrapper."""
 
-    def tracing(self) -> AbstractContextManager:
+    def tracing(self) -> contextlib.AbstractContextManager:
         """A context in force while fx traces (e.g. letting a wrapper hold a Proxy)."""
 
     def unwrap(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -138,7 +137,7 @@ def trace(
     tracer = _Tracer(leaves, names)
     meta = dict(getattr(model, "fxslim_meta", {}) or {})
     tracer.adapter = next((a for a in _ADAPTERS if a.claims(model)), None)
-    tracing: AbstractContextManager = contextlib.nullcontext()
+    tracing: contextlib.AbstractContextManager = contextlib.nullcontext()
     if tracer.adapter is not None:
         meta.update(tracer.adapter.meta(model))
         root, tracer.wrap_info = tracer.adapter.prepare(root)

@@ -160,6 +160,9 @@ def test_list_options_take_one_string_or_a_set_and_data_is_needed_only_when_used
     # a rank search needs data only when there is a layer to factorise
     res = fxslim.compress(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), (torch.randn(1, 3, 8, 8),), ["lowrank_linear"])
     assert not res.report[0].changed
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()  # its one conv ignored by node name: nothing to search
+    res = fxslim.compress(conv, (torch.randn(1, 3, 8, 8),), [{"pass": "lowrank_conv", "ignore": ["_0"]}])
+    assert not res.report[0].changed
     with pytest.raises(PassError, match=r"pass 'lowrank_conv': needs data= \(rank=None searches ranks"):
         fxslim.compress(Net().eval(), (torch.randn(1, 3, 8, 8),), ["lowrank_conv"])
 
